@@ -1,0 +1,82 @@
+# The course's front door. `make book` and `make test` do all the set-up they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.course-installed
+CONSTRAINTS := requirements/constraints.txt
+TORCH_VERSION := 2.13.0
+JOBS ?= 2
+
+# Without an NVIDIA GPU, take torch's CPU build (about 200 MB) instead of PyPI's default CUDA
+# build (several GB). Override with `make TORCH_INDEX= ...` to use your own index.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),1)
+TORCH_INDEX ?=
+else
+TORCH_INDEX ?= --index-url https://download.pytorch.org/whl/cpu
+endif
+
+LAB ?= lab01_autograd
+SUBMISSIONS ?= submissions
+OUT ?= grading-output
+
+.PHONY: help setup book test lab assign grade bench check lint lock clean nbgrader
+
+help:
+	@echo "make book     build the book (every notebook executed) into book/_build/html"
+	@echo "make test     the whole test suite (lint, reference, labs, grading, book)"
+	@echo "make lab      JupyterLab on labs/"
+	@echo "make assign   regenerate labs/ and grader/dist/*-autograder.zip from solutions/"
+	@echo "make grade LAB=lab01_autograd SUBMISSIONS=folder [OUT=grading-output]"
+	@echo "make bench    run the benchmarks; results in book/benchmarks/results.json"
+	@echo "make nbgrader LAB=lab01_autograd   the lab as an nbgrader course in grader/dist/nbgrader"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --retries 1 --no-deps \
+		"torch==$(TORCH_VERSION)" $(TORCH_INDEX)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e ".[dev]"
+	$(BIN)/python -m pip check
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
+	touch $@
+
+book: $(STAMP)
+	$(BIN)/jupyter-book build book --warningiserror --keep-going
+	@echo "The book: file://$(CURDIR)/book/_build/html/index.html"
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n $(JOBS) --durations=15 tests
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=labs
+
+assign: $(STAMP)
+	$(BIN)/course assign
+
+grade: $(STAMP)
+	test -f grader/dist/$(LAB)-autograder.zip || $(BIN)/course assign $(LAB)
+	$(BIN)/course grade $(LAB) $(SUBMISSIONS) --out $(OUT)
+
+bench: $(STAMP)
+	$(BIN)/course-bench
+
+nbgrader: $(STAMP)
+	$(BIN)/course nbgrader $(LAB)
+
+check: $(STAMP)
+	$(BIN)/course check
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# After a deliberate upgrade: pin what is installed now.
+lock: $(STAMP)
+	{ head -n 2 $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable | \
+		sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+clean:
+	rm -rf book/_build grader/dist grading-output .pytest_cache
