@@ -1,0 +1,1 @@
+"""AI Systems, hands-on: the reference implementation of every lab and the shared runtime."""
