@@ -1,0 +1,77 @@
+"""`make assign`: otter assign for every lab, into labs/ (committed) and grader/dist/ (built).
+
+otter assign writes cell ids at random and a timestamped zip; this wrapper renumbers the ids so
+that labs/ only changes when the master does, gives the zip a stable name, and refuses a master
+whose solution does not score 100 %.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+
+from .labs import DIST, Lab
+
+
+def normalize_notebook(path: Path) -> None:
+    """Stable cell ids and no execution state, so regenerated notebooks diff cleanly."""
+    nb = nbformat.read(path, as_version=4)
+    for index, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{index:03d}"
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+        cell.metadata.pop("lines_to_next_cell", None)
+    nbformat.write(nb, path)
+
+
+def run_otter_assign(lab: Lab, out: Path, run_tests: bool = False) -> None:
+    """otter assign MASTER OUT. Its own test run only prints; ``assign`` grades the solution
+    with the batch grader instead, which fails loudly."""
+    flags = ["--no-pdfs"] + ([] if run_tests else ["--no-run-tests"])
+    result = subprocess.run(
+        [sys.executable, "-m", "otter", "assign", *flags, str(lab.master), str(out)],
+        capture_output=True, text=True, cwd=lab.master.parent)
+    if result.returncode != 0:
+        raise RuntimeError(f"otter assign failed for {lab.name}:\n{result.stdout}\n{result.stderr}")
+    for name in ("student", "autograder"):
+        for notebook in (out / name).glob("*.ipynb"):
+            normalize_notebook(notebook)
+
+
+def build(lab: Lab, out: Path) -> None:
+    """Assign ``lab`` into the folder ``out`` (student/ and autograder/ inside)."""
+    if out.exists():
+        shutil.rmtree(out)
+    run_otter_assign(lab, out)
+
+
+def assign(lab: Lab, check: bool = True) -> None:
+    from .grade import grade_one_in_subprocess
+
+    with tempfile.TemporaryDirectory(prefix=f"assign-{lab.name}-") as tmp:
+        out = Path(tmp) / "out"
+        build(lab, out)
+        zips = sorted((out / "autograder").glob("*-autograder_*.zip"))
+        if len(zips) != 1:
+            raise RuntimeError(f"expected one autograder zip for {lab.name}, found {zips}")
+        DIST.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(zips[0], lab.autograder_zip)
+        shutil.copyfile(out / "autograder" / f"{lab.name}.ipynb", lab.solution_notebook)
+        if lab.student_dir.exists():
+            shutil.rmtree(lab.student_dir)
+        shutil.copytree(out / "student", lab.student_dir)
+    print(f"{lab.name}: wrote {lab.student_dir.relative_to(lab.student_dir.parents[1])}/ and "
+          f"{lab.autograder_zip.relative_to(lab.student_dir.parents[1])}")
+    if check:
+        outcome = grade_one_in_subprocess(lab.autograder_zip, lab.solution_notebook,
+                                          timeout=900, memory_gb=6)
+        if outcome.results is None or outcome.results.percent < 1:
+            raise SystemExit(f"{lab.name}: the solution does not score 100 %:\n{outcome.log}")
+        print(f"{lab.name}: the solution scores {outcome.results.total:g}/"
+              f"{outcome.results.possible:g}")

@@ -1,0 +1,85 @@
+"""The `course` command: assign labs, grade a batch, check what students receive.
+
+    course assign [LAB ...]            regenerate labs/ and grader/dist/ from solutions/
+    course grade LAB SUBMISSIONS/      grade a folder of notebooks into final_grades.csv
+    course check                       labs/ in sync with solutions/, and nothing leaked
+    course nbgrader LAB [--out DIR]    the lab as an nbgrader course (source/ and release/)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .labs import all_labs, find_lab
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="course", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("assign", help="otter assign every lab (or the ones named)")
+    p.add_argument("labs", nargs="*")
+    p.add_argument("--no-check", action="store_true", help="skip grading the solution")
+
+    p = commands.add_parser("grade", help="grade a folder of submissions without Docker")
+    p.add_argument("lab")
+    p.add_argument("submissions", type=Path)
+    p.add_argument("--out", type=Path, default=Path("grading-output"))
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=900, help="seconds per submission")
+    p.add_argument("--cell-timeout", type=int, default=300, help="seconds per notebook cell")
+    p.add_argument("--memory-gb", type=float, default=4.0, help="memory cap per submission")
+
+    p = commands.add_parser("check", help="labs/ in sync with solutions/, and no leaks")
+    p.add_argument("labs", nargs="*")
+
+    p = commands.add_parser("nbgrader", help="export a lab as an nbgrader course and generate "
+                            "its release (default folder: grader/dist/nbgrader)")
+    p.add_argument("lab")
+    p.add_argument("--out", type=Path, default=None)
+
+    args = parser.parse_args(argv)
+    labs = [find_lab(n) for n in getattr(args, "labs", [])] or all_labs()
+
+    if args.command == "assign":
+        from .assign import assign
+        for lab in labs:
+            assign(lab, check=not args.no_check)
+        return 0
+
+    if args.command == "grade":
+        from .grade import grade_batch, submissions_in
+        lab = find_lab(args.lab)
+        if not lab.autograder_zip.exists():
+            raise SystemExit(f"{lab.autograder_zip} is missing: run `make assign` first")
+        table = grade_batch(lab.autograder_zip, submissions_in(args.submissions), args.out,
+                            jobs=args.jobs, timeout=args.timeout, memory_gb=args.memory_gb,
+                            cell_timeout=args.cell_timeout)
+        print(table.to_string(index=False))
+        print(f"\nwrote {args.out / 'final_grades.csv'} and {args.out / 'logs'}/")
+        return 0
+
+    if args.command == "check":
+        from .checks import find_leaks, out_of_sync
+        problems = [p for lab in labs for p in out_of_sync(lab) + find_leaks(lab)]
+        for problem in problems:
+            print(problem)
+        if problems:
+            print("run `make assign` and commit labs/ (or fix the leak)")
+            return 1
+        print(f"labs/ in sync, no leaks ({', '.join(lab.name for lab in labs)})")
+        return 0
+    if args.command == "nbgrader":
+        from .nbgrader_export import export_lab
+        release = export_lab(find_lab(args.lab), args.out)
+        print(f"wrote the nbgrader course {release.parents[2]}: source/ and release/ "
+              f"({release.name})")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

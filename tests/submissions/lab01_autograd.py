@@ -1,0 +1,122 @@
+"""Curated buggy submissions for Lab 1: the mistakes students make, and the points they cost."""
+
+from .mutations import mutation
+
+RECURSIVE_ORDER = '''def topological_order(root):
+    order, visited = [], set()
+
+    def visit(node):
+        if id(node) in visited:
+            return
+        visited.add(id(node))
+        for parent in node._parents:
+            visit(parent)
+        order.append(node)
+
+    visit(root)
+    return order
+'''
+
+PREORDER = '''def topological_order(root):
+    order, visited, stack = [], set(), [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        order.append(node)
+        stack.extend(node._parents)
+    return order[::-1]
+'''
+
+SOLUTION_ORDER_HEAD = "def topological_order(root):\n    # BEGIN SOLUTION\n"
+SOLUTION_ORDER_BODY = '''    order, visited, stack = [], set(), [(root, False)]
+    while stack:
+        node, parents_done = stack.pop()
+        if parents_done:
+            order.append(node)
+        elif id(node) not in visited:
+            visited.add(id(node))
+            stack.append((node, True))
+            stack.extend((p, False) for p in node._parents if id(p) not in visited)
+    return order
+    # END SOLUTION
+'''
+
+MUTATIONS = [
+    mutation(
+        "unbroadcast_not_reduced",
+        "returns the broadcast gradient as it is, so a bias gets a gradient of the batch's shape",
+        [("    shape = tuple(shape)\n    if grad.shape == shape:\n        return grad\n",
+          "    return grad\n")],
+        breaks={"q1", "q2a", "q2d"}, may_break={"q2e", "q6", "q7"}),
+    mutation(
+        "gradient_overwritten",
+        "a tensor used twice keeps only the last gradient it receives",
+        [("grads[key] = parent_grad if key not in grads else grads[key] + parent_grad",
+          "grads[key] = parent_grad")],
+        breaks={"q3"}, may_break={"q6", "q7"}),
+    mutation(
+        "leaf_gradient_not_accumulated",
+        "backward() overwrites .grad instead of adding to it across calls",
+        [("node.grad = np.array(g) if node.grad is None else node.grad + g",
+          "node.grad = np.array(g)")],
+        breaks={"q3"}),
+    mutation(
+        "wrong_topological_order",
+        "a pre-order walk, reversed: a node can come before some of its inputs",
+        [(SOLUTION_ORDER_HEAD + SOLUTION_ORDER_BODY, PREORDER)],
+        breaks={"q3"}, may_break={"q6", "q7"}),
+    mutation(
+        "recursive_topological_order",
+        "a recursive walk: right on small graphs, a RecursionError on the 100,000-node chain",
+        [(SOLUTION_ORDER_HEAD + SOLUTION_ORDER_BODY, RECURSIVE_ORDER)],
+        breaks={"q3"}),
+    mutation(
+        "softmax_overflows",
+        "no maximum subtracted before exp: logits in the thousands overflow float32",
+        [("shifted = x.data - x.data.max(axis=axis, keepdims=True)", "shifted = x.data"),
+         ("shifted = logits.data - logits.data.max(axis=1, keepdims=True)",
+          "shifted = logits.data")],
+        breaks={"q4"}),
+    mutation(
+        "adam_without_bias_correction",
+        "Adam's moments are used without the 1 - beta**t correction",
+        [("m_hat = m / (1 - beta1 ** self.t)", "m_hat = m"),
+         ("v_hat = v / (1 - beta2 ** self.t)", "v_hat = v")],
+        breaks={"q5"}, may_break={"q6"}),
+    mutation(
+        "backward_calls_reference_engine",
+        "delegates backward() to reference_impl.autograd instead of writing it",
+        [(SOLUTION_ORDER_HEAD + SOLUTION_ORDER_BODY,
+          "def topological_order(root):\n"
+          "    from reference_impl.autograd.tensor import topological_order as reference_order\n"
+          "    return reference_order(root)\n")],
+        breaks={"q3"}, may_break={"q6", "q7"}),
+    mutation(
+        "log_softmax_through_torch_autograd",
+        "computes log_softmax's gradient with torch.autograd",
+        [("    shifted = x.data - x.data.max(axis=axis, keepdims=True)\n"
+          "    out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))\n\n"
+          "    def backward_fn(grad):\n"
+          "        return (grad - np.exp(out) * grad.sum(axis=axis, keepdims=True),)\n",
+          "    import torch\n"
+          "    t = torch.tensor(x.data, requires_grad=True)\n"
+          "    result = torch.log_softmax(t, dim=axis)\n"
+          "    out = result.detach().numpy()\n\n"
+          "    def backward_fn(grad):\n"
+          "        t.grad = None\n"
+          "        result.backward(torch.from_numpy(grad), retain_graph=True)\n"
+          "        return (t.grad.numpy(),)\n")],
+        breaks={"q4"}),
+    mutation(
+        "relu_in_python",
+        "relu and its gradient elementwise in Python (np.vectorize): right, and far too slow",
+        [("return make_node(np.maximum(x, 0), (a,), lambda grad: (np.where(x > 0, grad, 0)"
+          ".astype(grad.dtype),), \"relu\")",
+          "positive = np.vectorize(lambda v: 1.0 if v > 0 else 0.0, otypes=[np.float32])(x)\n"
+          "    out = np.vectorize(lambda v: v if v > 0 else 0.0, otypes=[np.float32])(x)\n"
+          "    return make_node(out, (a,), lambda grad: (np.vectorize(lambda g, p: g * p, "
+          "otypes=[np.float32])(grad, positive),), \"relu\")")],
+        breaks={"q7"}),
+]
