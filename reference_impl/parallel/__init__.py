@@ -1,0 +1,5 @@
+"""Distributed training on a laptop: a process launcher, counted collectives, ZeRO and pipelines."""
+
+from .launcher import LaunchTimeout, WorkerError, free_port, launch
+
+__all__ = ["LaunchTimeout", "WorkerError", "free_port", "launch"]
