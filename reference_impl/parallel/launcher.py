@@ -71,11 +71,10 @@ def set_status(text: str) -> None:
 
 @contextlib.contextmanager
 def status(text: str) -> Iterator[None]:
+    """Mark the rank as waiting in ``text``; on an exception the mark stays, for the report."""
     set_status(f"waiting in {text}")
-    try:
-        yield
-    finally:
-        set_status("running")
+    yield
+    set_status("running")
 
 
 def _read_status(shared: Any, rank: int) -> str:
