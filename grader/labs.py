@@ -48,3 +48,26 @@ def find_lab(name: str) -> Lab:
         if name in (key, key.split("_")[0]):
             return lab
     raise SystemExit(f"unknown lab {name!r}; the labs are: {', '.join(labs) or 'none'}")
+
+
+def question_points(lab: Lab) -> list[dict[str, object]]:
+    """Each question of the master with its points and how many of them hidden tests decide,
+    read from the master's question and test configurations (what otter assign reads)."""
+    import re
+
+    import nbformat
+    import yaml
+
+    config_block = re.compile(r'""" # BEGIN TEST CONFIG\n(.*?)""" # END TEST CONFIG', re.DOTALL)
+    rows: list[dict[str, object]] = []
+    for cell in nbformat.read(lab.master, as_version=4).cells:
+        source = cell.source.strip()
+        if cell.cell_type == "raw" and source.startswith("# BEGIN QUESTION"):
+            config = yaml.safe_load(source.removeprefix("# BEGIN QUESTION")) or {}
+            rows.append({"question": config["name"], "points": config.get("points", 0),
+                         "hidden": 0})
+        elif cell.cell_type == "code" and rows and (match := config_block.search(source)):
+            test = yaml.safe_load(match.group(1)) or {}
+            if test.get("hidden"):
+                rows[-1]["hidden"] += test.get("points", 0)
+    return rows

@@ -1,0 +1,21 @@
+"""Figures and widgets for the book: computation graphs, the backward pass step by step, and
+timing plots. Everything draws with matplotlib (and ipywidgets for the live explorer)."""
+
+from .benchmarks import plot_ratios, results_table
+from .graph import (
+    BackwardExplorer,
+    BackwardStep,
+    backward_animation,
+    backward_explorer,
+    backward_steps,
+    draw_graph,
+    graph_nodes,
+    known_gradients,
+)
+from .timing import median_time, plot_op_overhead
+
+__all__ = [
+    "BackwardExplorer", "BackwardStep", "backward_animation", "backward_explorer",
+    "backward_steps", "draw_graph", "graph_nodes", "known_gradients", "median_time",
+    "plot_op_overhead", "plot_ratios", "results_table",
+]
