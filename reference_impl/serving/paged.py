@@ -1,0 +1,439 @@
+"""A paged KV cache: fixed-size blocks, block tables, and attention that reads through them.
+
+This is the memory manager of vLLM (Kwon et al., "Efficient Memory Management for Large Language
+Model Serving with PagedAttention", SOSP 2023, sections 4.1-4.4), small enough to read in one go:
+
+- ``BlockAllocator`` hands out physical blocks of ``block_size`` token slots from a free list and
+  counts references, so that forked sequences (parallel sampling, a shared prompt) share blocks
+  until one of them writes: copy-on-write (section 4.4).
+- ``PagedKVCache`` keeps one block table per sequence (logical block i of a sequence lives in
+  physical block ``table[i]``) and implements the course's KV-cache protocol (``positions``,
+  ``attend``, ``advance``, ``truncate``), so the tiny GPT runs on it unchanged.
+- ``paged_attention`` computes causal attention of new queries over a sequence's cached keys one
+  block at a time with an online softmax (as FlashAttention and vLLM's kernel do), so the cache
+  is never gathered into one dense tensor.
+
+A sequence only ever holds ``ceil(tokens / block_size)`` blocks, so the memory it wastes is less
+than one block, against a contiguous cache that reserves the maximum length up front.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+class OutOfBlocks(RuntimeError):
+    """The allocator has fewer free blocks than a request needs (the scheduler preempts on it)."""
+
+    def __init__(self, needed: int, free: int, total: int):
+        super().__init__(f"out of KV-cache blocks: needed {needed}, {free} free of {total}; "
+                         "free finished sequences, preempt one, or make the cache larger")
+        self.needed, self.free, self.total = needed, free, total
+
+
+class BlockAllocator:
+    """Physical blocks ``0 .. num_blocks-1``, a free list and a reference count per block.
+
+    A block is free exactly when its count is zero. ``share`` adds a reference (a fork), ``free``
+    drops one, and the block returns to the free list when the last reference goes.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one slot, got "
+                             f"num_blocks={num_blocks}, block_size={block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # Popped from the end: the lowest-numbered blocks go first, which keeps figures tidy.
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int = 1) -> list[int]:
+        """``n`` fresh blocks with one reference each; all or nothing (``OutOfBlocks``)."""
+        if n > len(self._free):
+            raise OutOfBlocks(n, len(self._free), self.num_blocks)
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self._refs[b] = 1
+        return blocks
+
+    def share(self, block: int) -> None:
+        """One more sequence refers to ``block`` (a fork)."""
+        self._check_live(block, "share")
+        self._refs[block] += 1
+
+    def free(self, block: int) -> None:
+        """Drop one reference; the block is free again when none is left."""
+        self._check_live(block, "free")
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            self._free.append(block)
+
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]
+
+    def _check_live(self, block: int, op: str) -> None:
+        if not 0 <= block < self.num_blocks:
+            raise IndexError(f"{op}: block {block} is not in 0..{self.num_blocks - 1}")
+        if self._refs[block] == 0:
+            raise ValueError(f"{op}: block {block} is free (a double free, or a block that was "
+                             "never allocated)")
+
+    def check(self) -> None:
+        """Assert the allocator's invariants: every block is either free or referenced, once."""
+        free = set(self._free)
+        assert len(free) == len(self._free), "a block is on the free list twice"
+        for b in range(self.num_blocks):
+            assert (b in free) == (self._refs[b] == 0), (
+                f"block {b}: ref count {self._refs[b]} but {'' if b in free else 'not '}free")
+
+
+@dataclass
+class BlockTable:
+    """One sequence: its physical blocks in logical order and how many tokens it holds."""
+
+    blocks: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def paged_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    scale: float | None = None) -> torch.Tensor:
+    """Causal attention of new queries over keys stored in blocks, one block at a time.
+
+    q: ``[B, H, n, Dh]``, the last ``n`` positions of each sequence (query i of row b sits at
+    position ``context_lens[b] - n + i``). k_blocks, v_blocks: ``[num_blocks, block_size, H, Dh]``
+    (one layer). block_tables: ``[B, max_blocks]`` physical block ids (entries past a sequence's
+    end are ignored). context_lens: ``[B]`` keys per sequence, new ones included.
+
+    Each step gathers block j of every row (``[B, block_size, H, Dh]``) and folds it into a running
+    max, denominator and weighted sum (the online softmax of Milakov and Gimelshein, 2018), so no
+    more than one block per sequence is ever materialised. Slots past a sequence's length are
+    masked in both scores and values, so whatever they hold (stale data, NaN) never leaks in.
+    """
+    B, H, n, Dh = q.shape
+    block_size = k_blocks.shape[1]
+    if block_tables.shape[0] != B or context_lens.shape != (B,):
+        raise ValueError(f"paged_attention: q has batch {B} but block_tables has shape "
+                         f"{tuple(block_tables.shape)} and context_lens "
+                         f"{tuple(context_lens.shape)}")
+    if k_blocks.shape[2:] != (H, Dh):
+        raise ValueError(f"paged_attention: q has {H} heads of size {Dh} but the cache blocks "
+                         f"have shape {tuple(k_blocks.shape)}")
+    if bool((context_lens < n).any()):
+        raise ValueError(f"paged_attention: every sequence must hold its {n} new keys, got "
+                         f"context lengths {context_lens.tolist()}")
+    scale = 1.0 / math.sqrt(Dh) if scale is None else scale
+    context_lens = context_lens.to(q.device)
+    q_pos = context_lens[:, None] - n + torch.arange(n, device=q.device)       # [B, n]
+    running_max = torch.full((B, H, n), -math.inf, dtype=q.dtype, device=q.device)
+    denominator = torch.zeros((B, H, n), dtype=q.dtype, device=q.device)
+    out = torch.zeros_like(q)
+    slots = torch.arange(block_size, device=q.device)
+    for j in range(blocks_for(int(context_lens.max()), block_size)):
+        block = block_tables[:, j]
+        k = k_blocks[block].permute(0, 2, 3, 1)                                 # [B, H, Dh, bs]
+        v = v_blocks[block].transpose(1, 2)                                     # [B, H, bs, Dh]
+        k_pos = j * block_size + slots                                          # [bs]
+        visible = k_pos[None, None, :] <= q_pos[:, :, None]                     # [B, n, bs]
+        stored = k_pos[None, :] < context_lens[:, None]                         # [B, bs]
+        scores = torch.where(visible[:, None], (q @ k) * scale, -math.inf)
+        v = torch.where(stored[:, None, :, None], v, 0.0)
+        new_max = torch.maximum(running_max, scores.amax(-1))
+        # Block 0 always holds key 0, visible to every query, so new_max is finite from then on.
+        weights = torch.exp(scores - new_max[..., None])
+        correction = torch.exp(running_max - new_max)
+        denominator = denominator * correction + weights.sum(-1)
+        out = out * correction[..., None] + weights @ v
+        running_max = new_max
+    return out / denominator[..., None]
+
+
+class PagedKVCache:
+    """Keys and values of many sequences in shared physical blocks, one block table each.
+
+    Storage is ``[num_layers, num_blocks, block_size, heads, head_dim]`` for keys and for values.
+    Sequences are added, forked and freed by id. A model step runs on a *selection*:
+
+    - ``select(ids)``: row b of the model's batch is sequence ``ids[b]`` (all rows get the same
+      number of new tokens), the layout of a plain ``GPT.forward(tokens[B, T], cache)``;
+    - ``select_packed([(id, n), ...])``: the model runs on one packed row ``tokens[1, sum n]`` in
+      which each sequence contributes its own number of tokens (a prompt chunk, or one decode
+      token). The matrix multiplies see every token at once and attention is split per sequence:
+      Orca's selective batching (Yu et al., OSDI 2022, section 4.2).
+
+    ``PagedKVCache(..., batch_size=B)`` adds and selects B sequences, a drop-in for a dense cache.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int = 16, *, batch_size: int = 0, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.block_size = block_size
+        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
+        shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.tables: dict[int, BlockTable] = {}
+        self._next_id = 0
+        self._segments: list[tuple[int, int]] = []   # (sequence id, new tokens) of this step
+        self._packed = False
+        self._step: dict[str, torch.Tensor] | None = None
+        if batch_size:
+            self.select([self.add_sequence() for _ in range(batch_size)])
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, num_blocks: int, block_size: int = 16,
+                  **kwargs: object) -> PagedKVCache:
+        """A cache shaped for ``model`` (layers, heads, head size and dtype read from it)."""
+        config = model.config
+        head_dim = config.d_model // config.n_heads
+        param = next(model.parameters())
+        kwargs.setdefault("dtype", param.dtype)
+        kwargs.setdefault("device", param.device)
+        return cls(config.n_layers, config.n_heads, head_dim, num_blocks, block_size, **kwargs)
+
+    # ---- sequences ------------------------------------------------------------------------
+
+    def add_sequence(self, seq_id: int | None = None) -> int:
+        """Start an empty sequence (it holds no block until it gets tokens)."""
+        if seq_id is None:
+            seq_id = self._next_id
+        if seq_id in self.tables:
+            raise ValueError(f"sequence {seq_id} already exists")
+        self._next_id = max(self._next_id, seq_id + 1)
+        self.tables[seq_id] = BlockTable()
+        return seq_id
+
+    def fork(self, parent: int, child: int | None = None) -> int:
+        """A new sequence with the same tokens as ``parent``, sharing its blocks (no copy yet)."""
+        source = self._table(parent)
+        child = self.add_sequence(child)
+        for b in source.blocks:
+            self.allocator.share(b)
+        self.tables[child] = BlockTable(list(source.blocks), source.num_tokens)
+        return child
+
+    def free_sequence(self, seq_id: int) -> None:
+        """Drop a finished (or preempted) sequence and release its references to its blocks."""
+        for b in self._table(seq_id).blocks:
+            self.allocator.free(b)
+        del self.tables[seq_id]
+        self._segments = [(s, n) for s, n in self._segments if s != seq_id]
+        self._step = None
+
+    def length(self, seq_id: int) -> int:
+        return self._table(seq_id).num_tokens
+
+    def blocks_needed(self, seq_id: int | None, num_new: int) -> int:
+        """Blocks that appending ``num_new`` tokens to ``seq_id`` (None: a new sequence) takes
+        from the free list, copy-on-write copies of shared blocks included."""
+        if seq_id is None:
+            return blocks_for(num_new, self.block_size)
+        table = self._table(seq_id)
+        end = table.num_tokens + num_new
+        fresh = blocks_for(end, self.block_size) - len(table.blocks)
+        first = table.num_tokens // self.block_size
+        copies = sum(1 for b in table.blocks[first:blocks_for(end, self.block_size)]
+                     if self.allocator.ref_count(b) > 1)
+        return max(fresh, 0) + copies
+
+    def _table(self, seq_id: int) -> BlockTable:
+        try:
+            return self.tables[seq_id]
+        except KeyError:
+            raise KeyError(f"no sequence {seq_id} in the cache (live: {sorted(self.tables)})"
+                           ) from None
+
+    # ---- selection ------------------------------------------------------------------------
+
+    def select(self, seq_ids: Sequence[int]) -> None:
+        """Row b of the next model calls is sequence ``seq_ids[b]``."""
+        for s in seq_ids:
+            self._table(s)
+        self._segments = [(s, -1) for s in seq_ids]
+        self._packed = False
+        self._step = None
+
+    def select_packed(self, segments: Sequence[tuple[int, int]]) -> None:
+        """The next model call is one packed row: ``n`` tokens of each ``(seq_id, n)`` in order."""
+        for s, n in segments:
+            self._table(s)
+            if n < 1:
+                raise ValueError(f"sequence {s}: a packed segment needs at least one token, "
+                                 f"got {n}")
+        if len({s for s, _ in segments}) != len(segments):
+            raise ValueError(f"a sequence appears twice in one packed step: {list(segments)}")
+        self._segments = list(segments)
+        self._packed = True
+        self._step = None
+
+    def _new_tokens(self, n_new: int, B: int) -> list[int]:
+        """Tokens per selected sequence for a model call of ``B`` rows of ``n_new`` tokens."""
+        if not self._segments:
+            raise RuntimeError("no sequence selected: call select() or select_packed() first")
+        if self._packed:
+            counts = [n for _, n in self._segments]
+            if B != 1 or n_new != sum(counts):
+                raise ValueError(f"packed step expects tokens of shape [1, {sum(counts)}] "
+                                 f"(segments {self._segments}), got [{B}, {n_new}]")
+            return counts
+        if B != len(self._segments):
+            raise ValueError(f"the model's batch has {B} rows but {len(self._segments)} "
+                             "sequences are selected")
+        return [n_new] * B
+
+    # ---- the KV-cache protocol ------------------------------------------------------------
+
+    def positions(self, n_new: int) -> torch.Tensor:
+        """Absolute positions of the next tokens: ``[B, n_new]``, or ``[1, sum n]`` when packed."""
+        B = 1 if self._packed else len(self._segments)
+        counts = self._new_tokens(n_new, B)
+        rows = [torch.arange(self.length(s), self.length(s) + c)
+                for (s, _), c in zip(self._segments, counts)]
+        pos = torch.cat(rows)[None] if self._packed else torch.stack(rows)
+        return pos.to(self.k.device)
+
+    def _prepare(self, n_new: int, B: int) -> dict[str, torch.Tensor]:
+        """Reserve slots for this step's tokens (allocating and copying on write) and index them.
+
+        Done once per step, at the first layer; all or nothing, so a step that runs out of blocks
+        leaves every table as it was.
+        """
+        if self._step is not None:
+            return self._step
+        counts = self._new_tokens(n_new, B)
+        needed = sum(self.blocks_needed(s, c) for (s, _), c in zip(self._segments, counts))
+        if needed > self.allocator.num_free:
+            raise OutOfBlocks(needed, self.allocator.num_free, self.allocator.num_blocks)
+        block_ids, offsets = [], []
+        for (s, _), c in zip(self._segments, counts):
+            table = self.tables[s]
+            end = table.num_tokens + c
+            for i in range(table.num_tokens // self.block_size, blocks_for(end, self.block_size)):
+                if i == len(table.blocks):
+                    table.blocks += self.allocator.allocate(1)
+                elif self.allocator.ref_count(table.blocks[i]) > 1:
+                    table.blocks[i] = self._copy_on_write(table.blocks[i])
+            pos = torch.arange(table.num_tokens, end)
+            block_ids.append(torch.tensor(table.blocks)[pos // self.block_size])
+            offsets.append(pos % self.block_size)
+        self._step = {"counts": torch.tensor(counts), "block": torch.cat(block_ids),
+                      "offset": torch.cat(offsets)}
+        return self._step
+
+    def _copy_on_write(self, block: int) -> int:
+        """A private copy of a shared block (all layers); the sharers keep the original."""
+        (copy,) = self.allocator.allocate(1)
+        self.k[:, copy] = self.k[:, block]
+        self.v[:, copy] = self.v[:, block]
+        self.allocator.free(block)
+        return copy
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> torch.Tensor:
+        """Store this layer's new keys and values in their slots, then attend through the tables."""
+        B, H, n_new, Dh = q.shape
+        if k.shape != q.shape or v.shape != q.shape or (H, Dh) != (self.num_heads, self.head_dim):
+            raise ValueError(f"attend: expected q, k, v of shape [B, {self.num_heads}, n, "
+                             f"{self.head_dim}], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                             f"{tuple(v.shape)}")
+        step = self._prepare(n_new, B)
+        # [B, H, n, Dh] -> one row of [H, Dh] per new token, in segment order.
+        flat_k = k.transpose(1, 2).reshape(-1, H, Dh)
+        flat_v = v.transpose(1, 2).reshape(-1, H, Dh)
+        self.k[layer, step["block"], step["offset"]] = flat_k.to(self.k.dtype)
+        self.v[layer, step["block"], step["offset"]] = flat_v.to(self.v.dtype)
+        if not self._packed:
+            return self._attend_rows(layer, q, [s for s, _ in self._segments], n_new)
+        # Packed: decode tokens (one each) attend together; each prompt chunk on its own.
+        out = torch.empty_like(q)
+        counts = step["counts"].tolist()
+        starts = [0, *torch.cumsum(step["counts"], 0).tolist()[:-1]]
+        singles = [i for i, c in enumerate(counts) if c == 1]
+        if singles:
+            index = torch.tensor([starts[i] for i in singles], device=q.device)
+            rows = q[0][:, index].transpose(0, 1)[:, :, None]                  # [m, H, 1, Dh]
+            seqs = [self._segments[i][0] for i in singles]
+            out[0][:, index] = self._attend_rows(layer, rows, seqs, 1)[:, :, 0].transpose(0, 1)
+        for i, c in enumerate(counts):
+            if c > 1:
+                chunk = q[:, :, starts[i]:starts[i] + c]
+                out[:, :, starts[i]:starts[i] + c] = self._attend_rows(
+                    layer, chunk, [self._segments[i][0]], c)
+        return out
+
+    def _attend_rows(self, layer: int, q: torch.Tensor, seq_ids: list[int], n_new: int
+                     ) -> torch.Tensor:
+        tables = [self.tables[s].blocks for s in seq_ids]
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                    device=q.device)
+        context = torch.tensor([self.tables[s].num_tokens + n_new for s in seq_ids],
+                               device=q.device)
+        return paged_attention(q, self.k[layer], self.v[layer], block_tables, context
+                               ).to(q.dtype)
+
+    def advance(self, n_new: int) -> None:
+        """Commit the step's tokens (after every layer has stored its keys and values)."""
+        if self._step is None:
+            raise RuntimeError("advance() before any attend(): nothing was stored this step")
+        B = 1 if self._packed else len(self._segments)
+        counts = self._new_tokens(n_new, B)
+        for (s, _), c in zip(self._segments, counts):
+            self.tables[s].num_tokens += c
+        self._step = None
+
+    def truncate(self, length: int | Sequence[int]) -> None:
+        """Roll the selected sequences back to ``length`` tokens (one per sequence, or one for
+        all), returning blocks they no longer need."""
+        lengths = [length] * len(self._segments) if isinstance(length, int) else list(length)
+        if len(lengths) != len(self._segments):
+            raise ValueError(f"truncate: {len(lengths)} lengths for {len(self._segments)} "
+                             "selected sequences")
+        for (s, _), new_len in zip(self._segments, lengths):
+            self.truncate_sequence(s, new_len)
+
+    def truncate_sequence(self, seq_id: int, length: int) -> None:
+        table = self._table(seq_id)
+        if not 0 <= length <= table.num_tokens:
+            raise ValueError(f"truncate: sequence {seq_id} holds {table.num_tokens} tokens, "
+                             f"cannot roll back to {length}")
+        keep = blocks_for(length, self.block_size)
+        for b in table.blocks[keep:]:
+            self.allocator.free(b)
+        del table.blocks[keep:]
+        table.num_tokens = length
+        self._step = None
+
+    # ---- accounting -----------------------------------------------------------------------
+
+    def slots_reserved(self, seq_ids: Iterable[int] | None = None) -> int:
+        """Token slots held by blocks of these sequences (shared blocks counted once)."""
+        ids = self.tables if seq_ids is None else seq_ids
+        return len({b for s in ids for b in self.tables[s].blocks}) * self.block_size
+
+    def check(self) -> None:
+        """Assert that block tables and reference counts agree, and the allocator is sound."""
+        self.allocator.check()
+        refs = [0] * self.allocator.num_blocks
+        for s, table in self.tables.items():
+            assert len(table.blocks) == blocks_for(table.num_tokens, self.block_size), (
+                f"sequence {s}: {table.num_tokens} tokens in {len(table.blocks)} blocks")
+            for b in table.blocks:
+                refs[b] += 1
+        for b, r in enumerate(refs):
+            assert self.allocator.ref_count(b) == r, (
+                f"block {b}: ref count {self.allocator.ref_count(b)}, used by {r} tables")
