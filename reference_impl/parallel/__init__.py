@@ -1,5 +1,6 @@
 """Distributed training on a laptop: a process launcher, counted collectives, ZeRO and pipelines."""
 
 from .launcher import LaunchTimeout, WorkerError, free_port, launch
+from .zero import ZeroAdamW as ZeroAdamW
 
 __all__ = ["LaunchTimeout", "WorkerError", "free_port", "launch"]
