@@ -4,3 +4,7 @@ from .paged import BlockAllocator as BlockAllocator
 from .paged import OutOfBlocks as OutOfBlocks
 from .paged import PagedKVCache as PagedKVCache
 from .paged import paged_attention as paged_attention
+from .scheduler import ContinuousBatcher as ContinuousBatcher
+from .scheduler import Request as Request
+from .scheduler import request_stream as request_stream
+from .scheduler import serve_static as serve_static
