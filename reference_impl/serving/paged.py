@@ -234,8 +234,23 @@ class PagedKVCache:
         self._segments = [(s, n) for s, n in self._segments if s != seq_id]
         self._step = None
 
-    def length(self, seq_id: int) -> int:
+    def seq_length(self, seq_id: int) -> int:
         return self._table(seq_id).num_tokens
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens held by each selected sequence: ``[B]`` (``[number of segments]`` if packed)."""
+        return torch.tensor([self.tables[s].num_tokens for s, _ in self._segments],
+                            dtype=torch.long)
+
+    @property
+    def length(self) -> int:
+        """Tokens held per selected sequence, when they all hold the same number."""
+        lengths = set(self.lengths.tolist())
+        if len(lengths) != 1:
+            raise ValueError(f"the selected sequences hold different numbers of tokens "
+                             f"({sorted(lengths)}): use `lengths`")
+        return lengths.pop()
 
     def blocks_needed(self, seq_id: int | None, num_new: int) -> int:
         """Blocks that appending ``num_new`` tokens to ``seq_id`` (None: a new sequence) takes
@@ -301,7 +316,7 @@ class PagedKVCache:
         """Absolute positions of the next tokens: ``[B, n_new]``, or ``[1, sum n]`` when packed."""
         B = 1 if self._packed else len(self._segments)
         counts = self._new_tokens(n_new, B)
-        rows = [torch.arange(self.length(s), self.length(s) + c)
+        rows = [torch.arange(self.seq_length(s), self.seq_length(s) + c)
                 for (s, _), c in zip(self._segments, counts)]
         pos = torch.cat(rows)[None] if self._packed else torch.stack(rows)
         return pos.to(self.k.device)

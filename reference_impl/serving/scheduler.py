@@ -222,7 +222,7 @@ class ContinuousBatcher:
                 result.outputs[rid] = seq.generated
                 result.finished_step[rid] = step
                 reserved = len(self.cache.tables[seq.seq_id].blocks) * self.cache.block_size
-                result.kv_waste[rid] = 1 - self.cache.length(seq.seq_id) / reserved
+                result.kv_waste[rid] = 1 - self.cache.seq_length(seq.seq_id) / reserved
                 self.cache.free_sequence(seq.seq_id)
                 running.remove(seq)
 
@@ -288,6 +288,10 @@ class ContiguousKVCache:
                                                                < end[:, None, None])
         return torch.nn.functional.scaled_dot_product_attention(q, keys, values,
                                                                 attn_mask=mask[:, None])
+
+    @property
+    def length(self) -> int:
+        return int(self.lengths.max())
 
     def advance(self, n_new: int) -> None:
         self.lengths += self.valid
