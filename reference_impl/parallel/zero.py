@@ -13,8 +13,10 @@ optimizer state on every rank; ZeRO keeps one copy in all, split across the N ra
   forward, freed after it, gathered again when the backward reaches it, and freed once its
   gradients are reduced: 3Ψ of traffic (the FSDP paper, Zhao et al. 2023, calls this FULL_SHARD).
 
-The parameters are grouped into **units**, one per module that owns parameters directly (a
-``Linear`` is a unit; a ``Sequential`` of them is not). Each unit is one flat buffer, padded to a
+The parameters are grouped into **units**: at stage 3, one per module that owns parameters
+directly (a ``Linear`` is a unit; a ``Sequential`` of them is not), so that only one module's
+parameters need be gathered at a time; at stages 1 and 2, where the parameters stay whole, one
+unit for the whole model (the fewest collectives). Each unit is one flat buffer, padded to a
 multiple of N so that every rank's shard has the same size (``reduce_scatter`` and
 ``all_gather`` need equal chunks); rank r owns elements ``[r S, (r + 1) S)`` with S = padded / N.
 The parameters are views into the flat buffer, so gathering into the buffer updates them, and in
@@ -121,22 +123,25 @@ class ZeroAdamW:
     # -- building the units -------------------------------------------------------------------
 
     def _build_units(self, module: nn.Module) -> list[_Unit]:
-        units, self._unit_of = [], {}
+        groups: list[tuple[str, list[nn.Parameter]]] = []
         seen: set[int] = set()
         for name, sub in module.named_modules():
             params = [p for p in sub.parameters(recurse=False)
                       if p.requires_grad and id(p) not in seen]
-            if not params:
-                continue
             seen.update(id(p) for p in params)
             for p in params:
                 if not p.is_floating_point():
                     raise TypeError(f"parameter of {name or 'the root module'} has dtype "
                                     f"{p.dtype}; ZeRO shards floating-point parameters only")
-            unit = self._make_unit(name or "<root>", params)
-            units.append(unit)
-            self._unit_of[name] = unit
-        return units
+            if params:
+                groups.append((name, params))
+        if self.stage < 3 and groups:
+            # Stages 1 and 2 keep the parameters whole: one flat buffer for the whole model
+            # means one reduce-scatter and one all-gather per step, the fewest collectives.
+            groups = [("", [p for _, params in groups for p in params])]
+        self._unit_of = {name: self._make_unit(name or "<root>", params)
+                         for name, params in groups}
+        return list(self._unit_of.values())
 
     def _make_unit(self, name: str, params: list[nn.Parameter]) -> _Unit:
         dtype, device = params[0].dtype, params[0].device
