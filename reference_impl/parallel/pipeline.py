@@ -511,28 +511,30 @@ def _infer_shapes(modules: dict[int, nn.Module], rank: int, p: int, stages: int,
     return shapes
 
 
-def pipeline_worker(rank: int, world_size: int, schedule: Sequence[Sequence[Any]],
-                    make_stage: Callable[[int], nn.Module], microbatches: Sequence[torch.Tensor],
-                    targets: Sequence[torch.Tensor],
-                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    chunks: int = 1, steps: int = 1) -> dict[str, Any]:
-    """Run this rank's part of ``schedule`` (launch with ``world_size = len(schedule)``).
+class StageRunner:
+    """This rank's model stages, built once, and the interpreter of its list of actions.
 
     ``make_stage(s)`` builds model stage s (seeded, so that every process builds the same one).
-    The loss of the whole batch is the mean of the microbatch losses, so each microbatch's loss is
-    divided by m before its backward and gradients accumulate across microbatches. Returns this
-    rank's gradients (``"<stage>.<name>"``, as in ``nn.Sequential`` of all stages), the losses
-    computed here, the measured events of the last step (``time.perf_counter`` seconds) and the
-    most activations held at once.
+    The loss of the whole batch is the mean of the microbatch losses, so each microbatch's loss
+    is divided by m before its backward, and gradients accumulate across microbatches.
     """
-    plan = normalize(schedule)[rank]
-    p, m, v = world_size, len(microbatches), chunks
-    stages = p * v
-    modules = {model_stage(rank, c, p): make_stage(model_stage(rank, c, p)) for c in range(v)}
-    shapes = _infer_shapes(modules, rank, p, stages, microbatches[0])
-    dist.barrier()
-    for _ in range(steps):
-        for module in modules.values():
+
+    def __init__(self, rank: int, world_size: int, make_stage: Callable[[int], nn.Module],
+                 example: torch.Tensor, chunks: int = 1):
+        self.rank, self.p, self.stages = rank, world_size, world_size * chunks
+        self.modules = {model_stage(rank, c, world_size): make_stage(model_stage(rank, c,
+                                                                                world_size))
+                        for c in range(chunks)}
+        self.shapes = _infer_shapes(self.modules, rank, world_size, self.stages, example)
+        self.dtype = example.dtype
+
+    def step(self, actions: Sequence[Action], microbatches: Sequence[torch.Tensor],
+             targets: Sequence[torch.Tensor],
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """Run one step's actions; returns the losses computed here, the measured events
+        (``time.perf_counter`` seconds) and the most activations held at once."""
+        rank, p, stages, m = self.rank, self.p, self.stages, len(microbatches)
+        for module in self.modules.values():
             module.zero_grad(set_to_none=True)
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -540,16 +542,16 @@ def pipeline_worker(rank: int, world_size: int, schedule: Sequence[Sequence[Any]
         losses: dict[int, float] = {}
         events: list[Event] = []
         held = peak = 0
-        for a in plan:
+        for a in actions:
             s, key = model_stage(rank, a.chunk, p), (a.microbatch, a.chunk)
             start = time.perf_counter()
             if a.op == "recv_fwd":
-                x = torch.empty(shapes[s, "in"], dtype=microbatches[0].dtype)
+                x = torch.empty(self.shapes[s, "in"], dtype=self.dtype)
                 comm.recv(x, src=(s - 1) % p, tag=_tag(a, s, stages))
                 inputs[key] = x.requires_grad_()
             elif a.op == "F":
                 x = microbatches[a.microbatch] if s == 0 else inputs[key]
-                out = modules[s](x)
+                out = self.modules[s](x)
                 if s == stages - 1:
                     out = loss_fn(out, targets[a.microbatch]) / m
                     losses[a.microbatch] = float(out.detach()) * m
@@ -559,7 +561,7 @@ def pipeline_worker(rank: int, world_size: int, schedule: Sequence[Sequence[Any]
             elif a.op == "send_fwd":
                 comm.send(outputs[key].detach(), dst=(s + 1) % p, tag=_tag(a, s, stages))
             elif a.op == "recv_bwd":
-                g = torch.empty(shapes[s, "out"], dtype=microbatches[0].dtype)
+                g = torch.empty(self.shapes[s, "out"], dtype=self.dtype)
                 comm.recv(g, src=(s + 1) % p, tag=_tag(a, s, stages))
                 grads[key] = g
             elif a.op == "B":
@@ -569,10 +571,30 @@ def pipeline_worker(rank: int, world_size: int, schedule: Sequence[Sequence[Any]
             elif a.op == "send_bwd":
                 comm.send(inputs.pop(key).grad, dst=(s - 1) % p, tag=_tag(a, s, stages))
             events.append(Event(rank, a.op, a.microbatch, a.chunk, start, time.perf_counter()))
-    gradients = {f"{s}.{name}": param.grad.detach().clone()
-                 for s, module in modules.items() for name, param in module.named_parameters()
-                 if param.grad is not None}
-    return {"grads": gradients, "losses": losses, "events": events, "peak_in_flight": peak}
+        return {"losses": losses, "events": events, "peak_in_flight": peak}
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """This rank's gradients, named ``"<stage>.<name>"`` as in ``nn.Sequential`` of all
+        stages."""
+        return {f"{s}.{name}": param.grad.detach().clone()
+                for s, module in self.modules.items()
+                for name, param in module.named_parameters() if param.grad is not None}
+
+
+def pipeline_worker(rank: int, world_size: int, schedule: Sequence[Sequence[Any]],
+                    make_stage: Callable[[int], nn.Module], microbatches: Sequence[torch.Tensor],
+                    targets: Sequence[torch.Tensor],
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    chunks: int = 1, steps: int = 1) -> dict[str, Any]:
+    """Run this rank's part of ``schedule`` ``steps`` times (launch with ``world_size =
+    len(schedule)``); returns the gradients, and what ``StageRunner.step`` reports for the
+    last step."""
+    actions = normalize(schedule)[rank]
+    runner = StageRunner(rank, world_size, make_stage, microbatches[0], chunks)
+    dist.barrier()
+    for _ in range(steps):
+        report = runner.step(actions, microbatches, targets, loss_fn)
+    return {"grads": runner.gradients(), **report}
 
 
 @dataclass
