@@ -12,6 +12,7 @@ from .graph import (
     graph_nodes,
     known_gradients,
 )
+from .pipeline import plot_bubble_vs_microbatches, plot_gantt  # noqa: F401 (re-exported)
 from .timing import median_time, plot_op_overhead
 
 __all__ = [
