@@ -1,0 +1,83 @@
+"""Curated buggy submissions for Lab 3: the mistakes students make, and the points they cost."""
+
+from .mutations import mutation
+
+MUTATIONS = [
+    mutation(
+        "steady_state_sends_first",
+        "1F1B's steady state sends the activation before receiving the gradient: both "
+        "neighbours send first and, with blocking sends, wait for each other forever",
+        [('actions += [Action("recv_bwd", k), Action("send_fwd", i)] if s < last else []',
+          'actions += [Action("send_fwd", i), Action("recv_bwd", k)] if s < last else []')],
+        breaks={"q2"}),
+    mutation(
+        "gpipe_backward_before_forward",
+        "GPipe's two loops in the wrong order: every backward before its forward",
+        [("        for i in range(num_microbatches):\n            if s > 0:\n"
+          "                actions.append(Action(\"recv_fwd\", i))",
+          "        for i in []:\n            if s > 0:\n"
+          "                actions.append(Action(\"recv_fwd\", i))"),
+         ("            if s > 0:\n                actions.append(Action(\"send_bwd\", i))\n"
+          "        schedule.append(actions)",
+          "            if s > 0:\n                actions.append(Action(\"send_bwd\", i))\n"
+          "        for i in range(num_microbatches):\n"
+          "            actions += [Action(\"recv_fwd\", i)] if s > 0 else []\n"
+          "            actions.append(Action(\"F\", i))\n"
+          "            actions += [Action(\"send_fwd\", i)] if s < last else []\n"
+          "        schedule.append(actions)")],
+        breaks={"q1"}),
+    mutation(
+        "one_f_one_b_with_gpipe_memory",
+        "a \"1F1B\" whose warm-up runs every forward: valid, but it holds m activations",
+        [("warmup = min(num_stages - 1 - s, num_microbatches)", "warmup = num_microbatches")],
+        breaks={"q2"}),
+    mutation(
+        "warmup_off_by_one",
+        "p - s warm-up forwards instead of p - 1 - s: stage 0 holds p + 1 activations",
+        [("warmup = min(num_stages - 1 - s, num_microbatches)",
+          "warmup = min(num_stages - s, num_microbatches)")],
+        breaks={"q2"}),
+    mutation(
+        "cool_down_misses_a_backward",
+        "the cool-down stops one backward short",
+        [("for k in range(num_microbatches - warmup, num_microbatches):",
+          "for k in range(num_microbatches - warmup, num_microbatches - 1):")],
+        breaks={"q2"}),
+    mutation(
+        "send_names_the_next_microbatch",
+        "GPipe sends each activation under the next microbatch's index",
+        [("            if s < last:\n                actions.append(Action(\"send_fwd\", i))",
+          "            if s < last:\n                actions.append(Action(\"send_fwd\", i + 1))")],
+        breaks={"q1"}),
+    mutation(
+        "sends_never_block",
+        "find_deadlock lets a send through without its receive, as if sends were buffered",
+        [("            if heads[peer] < len(plan[peer]) and plan[peer][heads[peer]] == partner:\n"
+          "                heads[s] += 1\n                heads[peer] += 1\n"
+          "                moved = True\n    return {s: plan[s][heads[s]]",
+          "            if plan[s][heads[s]].op.startswith(\"send\"):\n"
+          "                heads[s] += 1\n                moved = True\n"
+          "            elif heads[peer] < len(plan[peer]) and plan[peer][heads[peer]] == partner:\n"
+          "                heads[s] += 1\n                heads[peer] += 1\n"
+          "                moved = True\n    return {s: plan[s][heads[s]]")],
+        breaks={"q3"}),
+    mutation(
+        "bubble_over_busy_time",
+        "the bubble divided by the busy time instead of the whole span of every stage",
+        [("    return 1.0 - busy / (num_stages * span)",
+          "    return (num_stages * span - busy) / busy")],
+        breaks={"q4"}),
+    mutation(
+        "loss_not_divided_by_m",
+        "each microbatch's loss is backpropagated whole: gradients m times too large",
+        [("outputs[i] = loss_fn(out, targets[i]) / m if rank == last else out",
+          "outputs[i] = loss_fn(out, targets[i]) if rank == last else out")],
+        breaks={"q5"}),
+    mutation(
+        "gradients_not_accumulated",
+        "gradients zeroed before every backward: only the last microbatch's remain",
+        [("            outputs.pop(i).backward(grads.pop(i) if rank < last else None)",
+          "            stage.zero_grad()\n"
+          "            outputs.pop(i).backward(grads.pop(i) if rank < last else None)")],
+        breaks={"q5"}),
+]
