@@ -112,8 +112,8 @@ MUTATIONS = [
     mutation(
         "relu_in_python",
         "relu and its gradient elementwise in Python (np.vectorize): right, and far too slow",
-        [("return make_node(np.maximum(x, 0), (a,), lambda grad: (np.where(x > 0, grad, 0)"
-          ".astype(grad.dtype),), \"relu\")",
+        [("return make_node(np.maximum(x, 0), (a,), lambda grad: (np.where(x > 0, grad, 0),), "
+          "\"relu\")",
           "positive = np.vectorize(lambda v: 1.0 if v > 0 else 0.0, otypes=[np.float32])(x)\n"
           "    out = np.vectorize(lambda v: v if v > 0 else 0.0, otypes=[np.float32])(x)\n"
           "    return make_node(out, (a,), lambda grad: (np.vectorize(lambda g, p: g * p, "
