@@ -33,7 +33,7 @@ def plot_gantt(events: Sequence[Any], num_stages: int, ax: Axes | None = None,
     ax.set_yticks(range(num_stages), [f"stage {s}" for s in range(num_stages)])
     ax.invert_yaxis()
     ax.set_xlabel(unit)
-    ax.set_title(title)
+    ax.set_title(title, loc="left", fontsize=10)
     ax.bar(0, 0, color=COLORS["F"], label="forward")
     ax.bar(0, 0, color=COLORS["B"], label="backward")
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, ncols=2, frameon=False)
