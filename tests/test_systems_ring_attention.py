@@ -33,7 +33,7 @@ def test_ring_attention_matches_dense_attention(world_size, causal, layout):
     q, k, v = torch.randn(3, 2, 12, 8, dtype=torch.float64).unbind(0)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     results = launch(_ring, world_size, q, k, v, causal, layout, timeout=60)
-    for mine, out, work, sent in results:
+    for mine, out, _, sent in results:
         torch.testing.assert_close(out, dense[..., mine, :])
         local_kv_bytes = 2 * q[..., mine, :].numel() * 8
         assert sent == (world_size - 1) * local_kv_bytes
@@ -75,7 +75,8 @@ def test_merge_of_two_key_blocks_is_attention_over_both():
     q, k, v = torch.randn(3, 5, 6, 4, dtype=torch.float64).unbind(0)
     a, lse_a = attention_block(q, k[:, :2], v[:, :2], None)
     b, lse_b = attention_block(q, k[:, 2:], v[:, 2:], None)
-    torch.testing.assert_close(merge(a, lse_a, b, lse_b)[0], F.scaled_dot_product_attention(q, k, v))
+    both = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(merge(a, lse_a, b, lse_b)[0], both)
 
 
 def test_bad_split_is_named():
