@@ -12,7 +12,7 @@ import time
 
 from .harness import RESULTS_PATH, save_results
 
-BENCHMARKS = ["autograd", "zero"]
+BENCHMARKS = ["autograd", "zero", "pipeline"]
 
 
 def main(argv: list[str] | None = None) -> int:
