@@ -117,7 +117,7 @@ def test_paged_attention_equals_dense_on_scattered_poisoned_blocks(seed):
     per_seq = [blocks_for(int(L), block_size) for L in lens]
     num_blocks = sum(per_seq) + 5
     # Every slot starts as NaN: a read of an unused slot or an unused block shows up in the output.
-    k_blocks = torch.full((num_blocks, block_size, H, Dh), math.nan, dtype=torch.float64)
+    k_blocks = torch.full((H, num_blocks, block_size, Dh), math.nan, dtype=torch.float64)
     v_blocks = k_blocks.clone()
     order = torch.randperm(num_blocks, generator=g).tolist()   # scattered, not contiguous
     tables = torch.zeros(B, max(per_seq) + 2, dtype=torch.long)
@@ -130,16 +130,17 @@ def test_paged_attention_equals_dense_on_scattered_poisoned_blocks(seed):
         k_seq = torch.randn(H, L, Dh, generator=g, dtype=torch.float64)
         v_seq = torch.randn(H, L, Dh, generator=g, dtype=torch.float64)
         for p in range(L):
-            k_blocks[blocks[p // block_size], p % block_size] = k_seq[:, p]
-            v_blocks[blocks[p // block_size], p % block_size] = v_seq[:, p]
+            k_blocks[:, blocks[p // block_size], p % block_size] = k_seq[:, p]
+            v_blocks[:, blocks[p // block_size], p % block_size] = v_seq[:, p]
         expected.append(dense_reference(q[b:b + 1], k_seq, v_seq, L))
-    got = paged_attention(q, k_blocks, v_blocks, tables, lens)
-    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-10, atol=1e-10)
+    for blocks_per_step in (1, 3):
+        got = paged_attention(q, k_blocks, v_blocks, tables, lens, blocks_per_step=blocks_per_step)
+        torch.testing.assert_close(got, torch.cat(expected), rtol=1e-10, atol=1e-10)
 
 
 def test_paged_attention_rejects_mismatched_shapes():
     q = torch.randn(2, 2, 1, 4)
-    blocks = torch.zeros(4, 2, 2, 4)
+    blocks = torch.zeros(2, 4, 2, 4)
     with pytest.raises(ValueError, match="batch 2"):
         paged_attention(q, blocks, blocks, torch.zeros(3, 2, dtype=torch.long),
                         torch.tensor([1, 1]))
@@ -335,7 +336,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache.check()
         for s, values in self.shadow.items():
             table = self.cache.tables[s]
-            stored = [float(self.cache.k[0, table.blocks[p // self.SIZE], p % self.SIZE, 0, 0])
+            stored = [float(self.cache.k[0, 0, table.blocks[p // self.SIZE], p % self.SIZE, 0])
                       for p in range(len(values))]
             assert stored == values, f"sequence {s}: {stored} != {values}"
 

@@ -108,63 +108,114 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-def paged_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
-                    block_tables: torch.Tensor, context_lens: torch.Tensor,
-                    scale: float | None = None) -> torch.Tensor:
-    """Causal attention of new queries over keys stored in blocks, one block at a time.
+@dataclass
+class AttentionPlan:
+    """What ``paged_attention`` reads at each step, and which of it to mask: the same for every
+    layer of a model step, so the cache computes it once per step and reuses it."""
 
-    q: ``[B, H, n, Dh]``, the last ``n`` positions of each sequence (query i of row b sits at
-    position ``context_lens[b] - n + i``). k_blocks, v_blocks: ``[num_blocks, block_size, H, Dh]``
-    (one layer). block_tables: ``[B, max_blocks]`` physical block ids (entries past a sequence's
-    end are ignored). context_lens: ``[B]`` keys per sequence, new ones included.
+    blocks: list[torch.Tensor]             # [B, g] physical block ids per step
+    hidden: list[torch.Tensor | None]      # [B, n, g*bs]: key after the query, or past the end?
+    unstored: list[torch.Tensor | None]    # [B, g*bs, 1]: slot past the sequence's end?
 
-    Each step gathers block j of every row (``[B, block_size, H, Dh]``) and folds it into a running
-    max, denominator and weighted sum (the online softmax of Milakov and Gimelshein, 2018), so no
-    more than one block per sequence is ever materialised. Slots past a sequence's length are
-    masked in both scores and values, so whatever they hold (stale data, NaN) never leaks in.
-    """
-    B, H, n, Dh = q.shape
-    block_size = k_blocks.shape[1]
-    if block_tables.shape[0] != B or context_lens.shape != (B,):
-        raise ValueError(f"paged_attention: q has batch {B} but block_tables has shape "
-                         f"{tuple(block_tables.shape)} and context_lens "
-                         f"{tuple(context_lens.shape)}")
-    if k_blocks.shape[2:] != (H, Dh):
-        raise ValueError(f"paged_attention: q has {H} heads of size {Dh} but the cache blocks "
-                         f"have shape {tuple(k_blocks.shape)}")
+
+def attention_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, n: int,
+                   block_size: int, blocks_per_step: int = 1) -> AttentionPlan:
+    """Split the block tables into steps of ``blocks_per_step`` blocks, with their masks
+    (``None`` where nothing in the step needs masking)."""
+    B = block_tables.shape[0]
+    if block_tables.dim() != 2 or context_lens.shape != (B,):
+        raise ValueError(f"paged_attention: block_tables of shape {tuple(block_tables.shape)} "
+                         f"and context_lens of shape {tuple(context_lens.shape)} do not match")
     if bool((context_lens < n).any()):
         raise ValueError(f"paged_attention: every sequence must hold its {n} new keys, got "
                          f"context lengths {context_lens.tolist()}")
+    if blocks_per_step < 1:
+        raise ValueError(f"blocks_per_step must be at least 1, got {blocks_per_step}")
+    num_blocks = blocks_for(int(context_lens.max()), block_size)
+    if block_tables.shape[1] < num_blocks:
+        raise ValueError(f"paged_attention: block_tables has {block_tables.shape[1]} columns, "
+                         f"the longest sequence ({int(context_lens.max())} keys) needs "
+                         f"{num_blocks}")
+    device = block_tables.device
+    context_lens = context_lens.to(device)
+    q_pos = context_lens[:, None] - n + torch.arange(n, device=device)          # [B, n]
+    plan = AttentionPlan([], [], [])
+    for j in range(0, num_blocks, blocks_per_step):
+        block = block_tables[:, j:j + blocks_per_step]                          # [B, g]
+        k_pos = j * block_size + torch.arange(block.shape[1] * block_size, device=device)
+        visible = k_pos[None, None, :] <= q_pos[:, :, None]                     # [B, n, gbs]
+        stored = (k_pos[None, :] < context_lens[:, None])[:, :, None]           # [B, gbs, 1]
+        plan.blocks.append(block)
+        plan.hidden.append(None if bool(visible.all()) else ~visible)
+        plan.unstored.append(None if bool(stored.all()) else ~stored)
+    return plan
+
+
+def paged_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    scale: float | None = None, blocks_per_step: int = 1,
+                    plan: AttentionPlan | None = None) -> torch.Tensor:
+    """Causal attention of new queries over keys stored in blocks, one block at a time.
+
+    q: ``[B, H, n, Dh]``, the last ``n`` positions of each sequence (query i of row b sits at
+    position ``context_lens[b] - n + i``). k_blocks, v_blocks: ``[H, num_blocks, block_size, Dh]``
+    (one layer; head-major, so that gathered blocks are laid out for the matmul as they come).
+    block_tables: ``[B, max_blocks]`` physical block ids (entries past a sequence's end are
+    ignored). context_lens: ``[B]`` keys per sequence, new ones included.
+
+    Each step gathers block j of every row (``[H, B, block_size, Dh]``) and folds it into a running
+    max, denominator and weighted sum (the online softmax of Milakov and Gimelshein, 2018), so no
+    more than one block per sequence is ever materialised. Slots past a sequence's length are
+    masked in both scores and values, so whatever they hold (stale data, NaN) never leaks in.
+    A GPU kernel gives each block to its own threads; on a CPU, where every step costs Python
+    overhead, ``blocks_per_step`` folds several blocks per step (still never the whole cache).
+    ``plan`` (from ``attention_plan``) skips recomputing the masks, the same for every layer.
+    """
+    B, H, n, Dh = q.shape
+    block_size = k_blocks.shape[2]
+    if block_tables.shape[0] != B:
+        raise ValueError(f"paged_attention: q has batch {B} but block_tables has shape "
+                         f"{tuple(block_tables.shape)}")
+    if k_blocks.dim() != 4 or (k_blocks.shape[0], k_blocks.shape[3]) != (H, Dh):
+        raise ValueError(f"paged_attention: q has {H} heads of size {Dh} but the cache blocks "
+                         f"have shape {tuple(k_blocks.shape)}")
+    if plan is None:
+        plan = attention_plan(block_tables.to(q.device), context_lens, n, block_size,
+                              blocks_per_step)
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
-    context_lens = context_lens.to(q.device)
-    q_pos = context_lens[:, None] - n + torch.arange(n, device=q.device)       # [B, n]
     running_max = torch.full((B, H, n), -math.inf, dtype=q.dtype, device=q.device)
     denominator = torch.zeros((B, H, n), dtype=q.dtype, device=q.device)
     out = torch.zeros_like(q)
-    slots = torch.arange(block_size, device=q.device)
-    for j in range(blocks_for(int(context_lens.max()), block_size)):
-        block = block_tables[:, j]
-        k = k_blocks[block].permute(0, 2, 3, 1)                                 # [B, H, Dh, bs]
-        v = v_blocks[block].transpose(1, 2)                                     # [B, H, bs, Dh]
-        k_pos = j * block_size + slots                                          # [bs]
-        visible = k_pos[None, None, :] <= q_pos[:, :, None]                     # [B, n, bs]
-        stored = k_pos[None, :] < context_lens[:, None]                         # [B, bs]
-        scores = torch.where(visible[:, None], (q @ k) * scale, -math.inf)
-        v = torch.where(stored[:, None, :, None], v, 0.0)
+    # Work head-major, [H, B, ...]: gathering g blocks of every row from [H, num_blocks, bs, Dh]
+    # gives [H, B, g, bs, Dh], whose last three axes flatten to [H, B, g*bs, Dh] without a copy.
+    q = (q * scale).transpose(0, 1)                                             # [H, B, n, Dh]
+    running_max = running_max.transpose(0, 1)
+    denominator = denominator.transpose(0, 1)
+    out = out.transpose(0, 1)
+    for block, hidden, unstored in zip(plan.blocks, plan.hidden, plan.unstored):
+        B, g = block.shape
+        ids = block.flatten()
+        k = k_blocks.index_select(1, ids).view(H, B, g * block_size, Dh)       # [H, B, gbs, Dh]
+        v = v_blocks.index_select(1, ids).view(H, B, g * block_size, Dh)
+        scores = q @ k.transpose(-1, -2)                                        # [H, B, n, gbs]
+        if hidden is not None:
+            scores = scores.masked_fill_(hidden, -math.inf)
+        if unstored is not None:
+            v = v.masked_fill_(unstored, 0.0)     # v is a fresh copy: zero its unused slots
         new_max = torch.maximum(running_max, scores.amax(-1))
-        # Block 0 always holds key 0, visible to every query, so new_max is finite from then on.
+        # Block 0 holds key 0, visible to every query, so new_max is finite from the first step.
         weights = torch.exp(scores - new_max[..., None])
         correction = torch.exp(running_max - new_max)
         denominator = denominator * correction + weights.sum(-1)
         out = out * correction[..., None] + weights @ v
         running_max = new_max
-    return out / denominator[..., None]
+    return (out / denominator[..., None]).transpose(0, 1)
 
 
 class PagedKVCache:
     """Keys and values of many sequences in shared physical blocks, one block table each.
 
-    Storage is ``[num_layers, num_blocks, block_size, heads, head_dim]`` for keys and for values.
+    Storage is ``[num_layers, heads, num_blocks, block_size, head_dim]`` for keys and for values.
     Sequences are added, forked and freed by id. A model step runs on a *selection*:
 
     - ``select(ids)``: row b of the model's batch is sequence ``ids[b]`` (all rows get the same
@@ -174,16 +225,18 @@ class PagedKVCache:
       token). The matrix multiplies see every token at once and attention is split per sequence:
       Orca's selective batching (Yu et al., OSDI 2022, section 4.2).
 
-    ``PagedKVCache(..., batch_size=B)`` adds and selects B sequences, a drop-in for a dense cache.
+    ``PagedKVCache(..., batch_size=B)`` adds and selects B sequences, a drop-in for a dense cache;
+    ``blocks_per_step`` is passed to ``paged_attention``.
     """
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int,
-                 block_size: int = 16, *, batch_size: int = 0, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 block_size: int = 16, *, batch_size: int = 0, blocks_per_step: int = 1,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.allocator = BlockAllocator(num_blocks, block_size)
+        self.blocks_per_step = blocks_per_step
         self.block_size = block_size
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
-        shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
+        shape = (num_layers, num_heads, num_blocks, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.tables: dict[int, BlockTable] = {}
@@ -191,6 +244,7 @@ class PagedKVCache:
         self._segments: list[tuple[int, int]] = []   # (sequence id, new tokens) of this step
         self._packed = False
         self._step: dict[str, torch.Tensor] | None = None
+        self._plans: dict[tuple, tuple] = {}   # attention plans of this step, per group
         if batch_size:
             self.select([self.add_sequence() for _ in range(batch_size)])
 
@@ -232,7 +286,7 @@ class PagedKVCache:
             self.allocator.free(b)
         del self.tables[seq_id]
         self._segments = [(s, n) for s, n in self._segments if s != seq_id]
-        self._step = None
+        self._step, self._plans = None, {}
 
     def seq_length(self, seq_id: int) -> int:
         return self._table(seq_id).num_tokens
@@ -280,7 +334,7 @@ class PagedKVCache:
             self._table(s)
         self._segments = [(s, -1) for s in seq_ids]
         self._packed = False
-        self._step = None
+        self._step, self._plans = None, {}
 
     def select_packed(self, segments: Sequence[tuple[int, int]]) -> None:
         """The next model call is one packed row: ``n`` tokens of each ``(seq_id, n)`` in order."""
@@ -293,7 +347,7 @@ class PagedKVCache:
             raise ValueError(f"a sequence appears twice in one packed step: {list(segments)}")
         self._segments = list(segments)
         self._packed = True
-        self._step = None
+        self._step, self._plans = None, {}
 
     def _new_tokens(self, n_new: int, B: int) -> list[int]:
         """Tokens per selected sequence for a model call of ``B`` rows of ``n_new`` tokens."""
@@ -352,8 +406,8 @@ class PagedKVCache:
     def _copy_on_write(self, block: int) -> int:
         """A private copy of a shared block (all layers); the sharers keep the original."""
         (copy,) = self.allocator.allocate(1)
-        self.k[:, copy] = self.k[:, block]
-        self.v[:, copy] = self.v[:, block]
+        self.k[:, :, copy] = self.k[:, :, block]
+        self.v[:, :, copy] = self.v[:, :, block]
         self.allocator.free(block)
         return copy
 
@@ -369,8 +423,8 @@ class PagedKVCache:
         # [B, H, n, Dh] -> one row of [H, Dh] per new token, in segment order.
         flat_k = k.transpose(1, 2).reshape(-1, H, Dh)
         flat_v = v.transpose(1, 2).reshape(-1, H, Dh)
-        self.k[layer, step["block"], step["offset"]] = flat_k.to(self.k.dtype)
-        self.v[layer, step["block"], step["offset"]] = flat_v.to(self.v.dtype)
+        self.k[layer][:, step["block"], step["offset"]] = flat_k.transpose(0, 1).to(self.k.dtype)
+        self.v[layer][:, step["block"], step["offset"]] = flat_v.transpose(0, 1).to(self.v.dtype)
         if not self._packed:
             return self._attend_rows(layer, q, [s for s, _ in self._segments], n_new)
         # Packed: decode tokens (one each) attend together; each prompt chunk on its own.
@@ -392,14 +446,19 @@ class PagedKVCache:
 
     def _attend_rows(self, layer: int, q: torch.Tensor, seq_ids: list[int], n_new: int
                      ) -> torch.Tensor:
-        tables = [self.tables[s].blocks for s in seq_ids]
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                    device=q.device)
-        context = torch.tensor([self.tables[s].num_tokens + n_new for s in seq_ids],
-                               device=q.device)
-        return paged_attention(q, self.k[layer], self.v[layer], block_tables, context
-                               ).to(q.dtype)
+        key = ("plan", *seq_ids)
+        if key not in self._plans:      # once per step: every layer reads the same blocks
+            tables = [self.tables[s].blocks for s in seq_ids]
+            width = max(len(t) for t in tables)
+            block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                        device=q.device)
+            context = torch.tensor([self.tables[s].num_tokens + n_new for s in seq_ids],
+                                   device=q.device)
+            self._plans[key] = (block_tables, context, attention_plan(
+                block_tables, context, n_new, self.block_size, self.blocks_per_step))
+        block_tables, context, plan = self._plans[key]
+        return paged_attention(q, self.k[layer], self.v[layer], block_tables, context,
+                               plan=plan).to(q.dtype)
 
     def advance(self, n_new: int) -> None:
         """Commit the step's tokens (after every layer has stored its keys and values)."""
@@ -409,7 +468,7 @@ class PagedKVCache:
         counts = self._new_tokens(n_new, B)
         for (s, _), c in zip(self._segments, counts):
             self.tables[s].num_tokens += c
-        self._step = None
+        self._step, self._plans = None, {}
 
     def truncate(self, length: int | Sequence[int]) -> None:
         """Roll the selected sequences back to ``length`` tokens (one per sequence, or one for
@@ -431,7 +490,7 @@ class PagedKVCache:
             self.allocator.free(b)
         del table.blocks[keep:]
         table.num_tokens = length
-        self._step = None
+        self._step, self._plans = None, {}
 
     # ---- accounting -----------------------------------------------------------------------
 

@@ -113,15 +113,17 @@ class ContinuousBatcher:
     """Iteration-level scheduling over a ``PagedKVCache`` (see the module docstring).
 
     max_batch: the most sequences in one step. token_budget: the most tokens in one step; None
-    runs whole prompts at once, a number turns on chunked prefill.
+    runs whole prompts at once, a number turns on chunked prefill. watermark: free blocks kept
+    back per running sequence when admitting, so that the running ones can grow for a while
+    before anyone must be preempted (vLLM keeps such a watermark too).
     """
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, *, max_batch: int = 256,
-                 token_budget: int | None = None):
+                 token_budget: int | None = None, watermark: float = 0.0):
         if token_budget is not None and token_budget < 1:
             raise ValueError(f"token_budget must be at least 1, got {token_budget}")
         self.model, self.cache = model, cache
-        self.max_batch, self.token_budget = max_batch, token_budget
+        self.max_batch, self.token_budget, self.watermark = max_batch, token_budget, watermark
 
     def run(self, requests: Sequence[Request], *, trace: bool = False) -> ServeResult:
         """Serve every request to completion; greedy decoding."""
@@ -182,7 +184,7 @@ class ContinuousBatcher:
             seq = waiting[0]
             n = min(len(seq.tokens), budget)
             need = blocks_for(n, cache.block_size)
-            if reserved + need > cache.allocator.num_free:
+            if reserved + need + self.watermark * len(running) > cache.allocator.num_free:
                 break
             waiting.popleft()
             seq.seq_id = cache.add_sequence()
