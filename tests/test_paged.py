@@ -154,8 +154,12 @@ def test_paged_attention_rejects_mismatched_shapes():
 # --------------------------------------------------------------------------------------------
 
 
-def greedy_with_paged_cache(model, prompts, max_new, block_size=4, num_blocks=64):
+def greedy_with_paged_cache(model, prompts, max_new, block_size=4, num_blocks=64, poison=False):
     cache = PagedKVCache.for_model(model, num_blocks, block_size, batch_size=len(prompts))
+    if poison:
+        # Storage no sequence has written yet holds NaN: reading it would show in the logits.
+        cache.k.fill_(math.nan)
+        cache.v.fill_(math.nan)
     ids = [s for s, _ in cache._segments]
     outs = [[] for _ in prompts]
     with torch.no_grad():
@@ -176,7 +180,7 @@ def greedy_with_paged_cache(model, prompts, max_new, block_size=4, num_blocks=64
 def test_generation_with_paged_cache_equals_no_cache():
     model = StubGPT()
     prompts = [[1, 2, 3, 4, 5], [7] * 11, [3, 9]]
-    outs, cache = greedy_with_paged_cache(model, prompts, max_new=12)
+    outs, cache = greedy_with_paged_cache(model, prompts, max_new=12, poison=True)
     for prompt, out in zip(prompts, outs):
         assert out == greedy_without_cache(model, prompt, 12)
     cache.check()

@@ -154,7 +154,8 @@ def attention_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, n: in
 def paged_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor,
                     scale: float | None = None, blocks_per_step: int = 1,
-                    plan: AttentionPlan | None = None) -> torch.Tensor:
+                    plan: AttentionPlan | None = None, unused_finite: bool = False
+                    ) -> torch.Tensor:
     """Causal attention of new queries over keys stored in blocks, one block at a time.
 
     q: ``[B, H, n, Dh]``, the last ``n`` positions of each sequence (query i of row b sits at
@@ -170,6 +171,9 @@ def paged_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Ten
     A GPU kernel gives each block to its own threads; on a CPU, where every step costs Python
     overhead, ``blocks_per_step`` folds several blocks per step (still never the whole cache).
     ``plan`` (from ``attention_plan``) skips recomputing the masks, the same for every layer.
+    ``unused_finite=True`` promises that every slot read holds a finite number, so masked scores
+    alone suffice (weight 0 times a finite value is 0) and the values need no mask: the
+    ``PagedKVCache`` keeps that promise by zeroing blocks when it allocates them.
     """
     B, H, n, Dh = q.shape
     block_size = k_blocks.shape[2]
@@ -200,7 +204,7 @@ def paged_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Ten
         scores = q @ k.transpose(-1, -2)                                        # [H, B, n, gbs]
         if hidden is not None:
             scores = scores.masked_fill_(hidden, -math.inf)
-        if unstored is not None:
+        if unstored is not None and not unused_finite:
             v = v.masked_fill_(unstored, 0.0)     # v is a fresh copy: zero its unused slots
         new_max = torch.maximum(running_max, scores.amax(-1))
         # Block 0 holds key 0, visible to every query, so new_max is finite from the first step.
@@ -394,6 +398,10 @@ class PagedKVCache:
             for i in range(table.num_tokens // self.block_size, blocks_for(end, self.block_size)):
                 if i == len(table.blocks):
                     table.blocks += self.allocator.allocate(1)
+                    # Whatever the block held before (another sequence's keys, or nothing
+                    # yet) becomes zeros, so reads of its unused slots are finite.
+                    self.k[:, :, table.blocks[-1]] = 0
+                    self.v[:, :, table.blocks[-1]] = 0
                 elif self.allocator.ref_count(table.blocks[i]) > 1:
                     table.blocks[i] = self._copy_on_write(table.blocks[i])
             pos = torch.arange(table.num_tokens, end)
@@ -450,7 +458,8 @@ class PagedKVCache:
         if key not in self._plans:      # once per step: every layer reads the same blocks
             tables = [self.tables[s].blocks for s in seq_ids]
             width = max(len(t) for t in tables)
-            block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables],
+            # Pad with the row's own first block: a real block, so its slots are finite.
+            block_tables = torch.tensor([t + t[:1] * (width - len(t)) for t in tables],
                                         device=q.device)
             context = torch.tensor([self.tables[s].num_tokens + n_new for s in seq_ids],
                                    device=q.device)
@@ -458,7 +467,7 @@ class PagedKVCache:
                 block_tables, context, n_new, self.block_size, self.blocks_per_step))
         block_tables, context, plan = self._plans[key]
         return paged_attention(q, self.k[layer], self.v[layer], block_tables, context,
-                               plan=plan).to(q.dtype)
+                               plan=plan, unused_finite=True).to(q.dtype)
 
     def advance(self, n_new: int) -> None:
         """Commit the step's tokens (after every layer has stored its keys and values)."""
