@@ -13,6 +13,7 @@ from .graph import (
     known_gradients,
 )
 from .pipeline import plot_bubble_vs_microbatches, plot_gantt  # noqa: F401 (re-exported)
+from .memory import memory_explorer, plot_memory_breakdown, plot_memory_per_gpu  # noqa: F401
 from .timing import median_time, plot_op_overhead
 
 __all__ = [
