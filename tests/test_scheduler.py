@@ -95,3 +95,38 @@ def test_a_request_larger_than_the_cache_is_refused():
     with pytest.raises(ValueError, match="request 0 needs 49 tokens .13 blocks. but the whole "
                                          "cache has 12 blocks"):
         serve_continuous(num_blocks=12, requests=huge)
+
+
+def test_trace_and_block_figures_show_every_block():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from reference_impl.viz.paged import (
+        block_owners,
+        block_table_explorer,
+        draw_blocks,
+        plot_occupancy,
+    )
+
+    cache = PagedKVCache.for_model(MODEL, 12, 4)
+    result = ContinuousBatcher(MODEL, cache).run(REQUESTS, trace=True)
+    assert result.outputs == EXPECTED
+    assert [s["step"] for s in result.trace] == list(range(result.steps))
+    busiest = max(result.trace, key=lambda s: 12 - s["free_blocks"])
+    owners, filled = block_owners(busiest, 12, 4)
+    used = {b for table in busiest["tables"].values() for b in table}
+    assert {b for b, o in enumerate(owners) if o} == used
+    assert filled.sum() == sum(busiest["lengths"].values())
+    figure = draw_blocks(busiest, 12, 4)
+    pool, tables = figure.axes
+    # One grey cell per physical block, plus one coloured fill per used block.
+    assert len(pool.patches) == 12 + len([b for b in used if filled[b] > 0])
+    assert len(tables.patches) == sum(len(t) for t in busiest["tables"].values())
+    plot_occupancy(result.trace, 12)
+    explorer = block_table_explorer(result.trace, 12, 4)
+    first = explorer.image.value
+    explorer.slider.value = len(result.trace) // 2
+    assert explorer.image.value != first
+    plt.close("all")

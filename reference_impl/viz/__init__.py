@@ -12,8 +12,9 @@ from .graph import (
     graph_nodes,
     known_gradients,
 )
-from .pipeline import plot_bubble_vs_microbatches, plot_gantt  # noqa: F401 (re-exported)
 from .memory import memory_explorer, plot_memory_breakdown, plot_memory_per_gpu  # noqa: F401
+from .paged import block_table_explorer, draw_blocks, plot_occupancy  # noqa: F401
+from .pipeline import plot_bubble_vs_microbatches, plot_gantt  # noqa: F401 (re-exported)
 from .timing import median_time, plot_op_overhead
 
 __all__ = [
