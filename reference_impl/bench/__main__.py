@@ -12,7 +12,7 @@ import time
 
 from .harness import RESULTS_PATH, save_results
 
-BENCHMARKS = ["autograd", "zero", "pipeline"]
+BENCHMARKS = ["autograd", "zero", "pipeline", "serving"]
 
 
 def main(argv: list[str] | None = None) -> int:
