@@ -264,7 +264,7 @@ def test_bad_calls_are_named():
         cache.fork(9)
     with pytest.raises(ValueError, match="double free"):
         allocator = BlockAllocator(2, 1)
-        (b,) = allocator.allocate()
+        b = allocator.allocate()
         allocator.free(b)
         allocator.free(b)
 

@@ -56,14 +56,13 @@ class BlockAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
-    def allocate(self, n: int = 1) -> list[int]:
-        """``n`` fresh blocks with one reference each; all or nothing (``OutOfBlocks``)."""
-        if n > len(self._free):
-            raise OutOfBlocks(n, len(self._free), self.num_blocks)
-        blocks = [self._free.pop() for _ in range(n)]
-        for b in blocks:
-            self._refs[b] = 1
-        return blocks
+    def allocate(self) -> int:
+        """A free block, now with one reference (``OutOfBlocks`` when none is left)."""
+        if not self._free:
+            raise OutOfBlocks(1, 0, self.num_blocks)
+        block = self._free.pop()
+        self._refs[block] = 1
+        return block
 
     def share(self, block: int) -> None:
         """One more sequence refers to ``block`` (a fork)."""
@@ -397,7 +396,7 @@ class PagedKVCache:
             end = table.num_tokens + c
             for i in range(table.num_tokens // self.block_size, blocks_for(end, self.block_size)):
                 if i == len(table.blocks):
-                    table.blocks += self.allocator.allocate(1)
+                    table.blocks.append(self.allocator.allocate())
                     # Whatever the block held before (another sequence's keys, or nothing
                     # yet) becomes zeros, so reads of its unused slots are finite.
                     self.k[:, :, table.blocks[-1]] = 0
@@ -413,7 +412,7 @@ class PagedKVCache:
 
     def _copy_on_write(self, block: int) -> int:
         """A private copy of a shared block (all layers); the sharers keep the original."""
-        (copy,) = self.allocator.allocate(1)
+        copy = self.allocator.allocate()
         self.k[:, :, copy] = self.k[:, :, block]
         self.v[:, :, copy] = self.v[:, :, block]
         self.allocator.free(block)
