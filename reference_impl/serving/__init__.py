@@ -8,3 +8,8 @@ from .scheduler import ContinuousBatcher as ContinuousBatcher
 from .scheduler import Request as Request
 from .scheduler import request_stream as request_stream
 from .scheduler import serve_static as serve_static
+from .speculative import SpeculativeStats as SpeculativeStats
+from .speculative import accept_or_resample as accept_or_resample
+from .speculative import expected_tokens_per_step as expected_tokens_per_step
+from .speculative import residual_distribution as residual_distribution
+from .speculative import speculative_generate as speculative_generate

@@ -1,0 +1,1 @@
+"""Data files the course ships: the text corpus and the trained tiny-GPT checkpoints."""
