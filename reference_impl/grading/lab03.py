@@ -296,8 +296,9 @@ def check_worker(pipeline_worker: Callable[..., Any], world_size: int, ms: Seque
 def check_speed(pipeline_worker: Callable[..., Any], bound: float,
                 namespace: dict[str, Any] | None = None) -> float:
     """Step time of the student's executor over ``torch.distributed.pipelining``'s
-    Schedule1F1B, same stages, same processes, interleaved (2 ranks, 4 microbatches)."""
-    require(pipeline_worker=pipeline_worker)
+    Schedule1F1B, same stages, same processes, interleaved (2 ranks, 4 microbatches). A worker
+    must first be right (q5's check on 2 ranks): a fast wrong answer earns nothing."""
+    check_worker(pipeline_worker, world_size=2, ms=[3], seed=600, namespace=namespace)
     with guard(namespace):
         times = compare_with_torch(2, 4, "1f1b", rounds=6, worker=pipeline_worker, timeout=120)
     ratio = statistics.median(times["ours"]) / statistics.median(times["torch"])
@@ -314,8 +315,9 @@ def check_bubble(pipeline_worker: Callable[..., Any], world_size: int, m: int,
                  namespace: dict[str, Any] | None = None) -> float:
     """Measured bubble of the student's executor on emulated stages (forward 10 ms, backward
     20 ms of wall time), under the reference 1F1B schedule: closer to the theory than to a
-    pipeline that runs one stage at a time."""
-    require(pipeline_worker=pipeline_worker)
+    pipeline that runs one stage at a time. The worker must first be right, as in
+    ``check_speed``."""
+    check_worker(pipeline_worker, world_size=2, ms=[3], seed=601, namespace=namespace)
     with guard(namespace):
         bubbles = measured_bubble(world_size, m, "1f1b", forward_s=0.01, rounds=2,
                                   worker=pipeline_worker)

@@ -72,12 +72,12 @@ MUTATIONS = [
         "each microbatch's loss is backpropagated whole: gradients m times too large",
         [("outputs[i] = loss_fn(out, targets[i]) / m if rank == last else out",
           "outputs[i] = loss_fn(out, targets[i]) if rank == last else out")],
-        breaks={"q5"}),
+        breaks={"q5"}, may_break={"q6"}),
     mutation(
         "gradients_not_accumulated",
         "gradients zeroed before every backward: only the last microbatch's remain",
         [("            outputs.pop(i).backward(grads.pop(i) if rank < last else None)",
           "            stage.zero_grad()\n"
           "            outputs.pop(i).backward(grads.pop(i) if rank < last else None)")],
-        breaks={"q5"}),
+        breaks={"q5"}, may_break={"q6"}),
 ]
