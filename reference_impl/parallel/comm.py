@@ -81,6 +81,12 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM,
     return tensor
 
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn on every call); the course
+# also supports older torch, where only the old names exist.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def reduce_scatter(output: torch.Tensor, input: torch.Tensor,
                    op: dist.ReduceOp = dist.ReduceOp.SUM,
                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -91,7 +97,7 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor,
                          f"{n} x {output.numel()} (world size x output)")
     stats.record("reduce_scatter", (n - 1) / n * _nbytes(input))
     with status(f"reduce_scatter({tuple(input.shape)} -> {tuple(output.shape)})"):
-        dist.reduce_scatter_tensor(output, input, op=op, group=group)
+        _reduce_scatter(output, input, op=op, group=group)
     return output
 
 
@@ -104,7 +110,7 @@ def all_gather(output: torch.Tensor, input: torch.Tensor,
                          f"{n} x {input.numel()} (world size x input)")
     stats.record("all_gather", (n - 1) / n * _nbytes(output))
     with status(f"all_gather({tuple(input.shape)} -> {tuple(output.shape)})"):
-        dist.all_gather_into_tensor(output, input, group=group)
+        _all_gather(output, input, group=group)
     return output
 
 
