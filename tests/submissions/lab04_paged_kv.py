@@ -1,0 +1,89 @@
+"""Curated buggy submissions for Lab 4: the mistakes students make, and the points they cost."""
+
+from .mutations import mutation
+
+MUTATIONS = [
+    mutation(
+        "free_without_decrement",
+        "free() returns a block to the free list when its count is 1 but never decrements it: a "
+        "shared block stays taken forever (a leak) and counts are wrong",
+        [('''        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free_list.append(block)''', '''        if self.refs[block] == 1:
+            self.free_list.append(block)''')],
+        breaks={"q1"}, may_break={"q4"}),
+    mutation(
+        "off_by_one_slot",
+        "numbers the new tokens from num_tokens + 1: every token lands one slot too far",
+        [("    slots = [(table.blocks[p // size], p % size) for p in range(table.num_tokens, end)]",
+          "    slots = [(table.blocks[p // size], (p + 1) % size) "
+          "for p in range(table.num_tokens, end)]")],
+        breaks={"q2"}, may_break={"q4"}),
+    mutation(
+        "fork_without_copy_on_write",
+        "writes into a block it shares with a fork: the other sequence's tokens change",
+        [("    copy = first < len(table.blocks) and allocator.ref_count(table.blocks[first]) > 1",
+          "    copy = False")],
+        breaks={"q2"}, may_break={"q4"}),
+    mutation(
+        "release_forgets_blocks",
+        "release empties the table without dropping its references: every block leaks",
+        [('''    for block in table.blocks:
+        allocator.free(block)
+    table.blocks.clear()''', '''    table.blocks.clear()''')],
+        breaks={"q2"}, may_break={"q4"}),
+    mutation(
+        "logical_block_as_physical",
+        "reads block j of the cache instead of the block the table maps j to",
+        [("        block = block_tables[:, j]\n        k = k_cache[:, block].transpose(0, 1)",
+          "        block = torch.full_like(block_tables[:, j], j)\n"
+          "        k = k_cache[:, block].transpose(0, 1)")],
+        breaks={"q3"}, may_break={"q4", "q6"}),
+    mutation(
+        "unused_slots_not_masked",
+        "masks the scores of slots past the end but not their values: 0 x NaN is NaN",
+        [("        v = v.masked_fill(unused[:, None, :, None], 0.0)\n", "")],
+        breaks={"q3"}, may_break={"q6"}),
+    mutation(
+        "dense_gather_shortcut",
+        "gathers every block of every sequence into one dense tensor, then a plain softmax",
+        [('''    for j in range(blocks_for(int(context_lens.max()), size)):
+        block = block_tables[:, j]''', '''    width = blocks_for(int(context_lens.max()), size)
+    keys = k_cache[:, block_tables[:, :width]].flatten(2, 3).transpose(0, 1)
+    values = v_cache[:, block_tables[:, :width]].flatten(2, 3).transpose(0, 1)
+    scores = (keys @ q[..., None])[..., 0]
+    unused = torch.arange(width * size) >= context_lens[:, None]
+    scores = scores.masked_fill(unused[:, None], -math.inf)
+    values = values.masked_fill(unused[:, None, :, None], 0.0)
+    return (torch.softmax(scores, -1)[:, :, None] @ values)[:, :, 0]
+    for j in range(blocks_for(int(context_lens.max()), size)):
+        block = block_tables[:, j]''')],
+        breaks={"q3"}, may_break={"q6"}),
+    mutation(
+        "generate_never_frees",
+        "generates the right tokens but never frees its sequences",
+        [('''    for seq in seqs:
+        cache.free_sequence(seq)
+    return outputs''', '''    return outputs''')],
+        breaks={"q4"}),
+    mutation(
+        "no_free_on_finish",
+        "a finished request leaves the batch but keeps its blocks",
+        [("        cache.free_sequence(seq)\n        reserved -= blocks_for(request.max_len, size)",
+          "        reserved -= blocks_for(request.max_len, size)")],
+        breaks={"q5"}, may_break={"q6"}),
+    mutation(
+        "admission_ignores_free_blocks",
+        "admits every waiting request up to max_batch, whatever the memory: out of blocks",
+        [('''                if reserved + need > capacity:
+                    break
+''', "")],
+        breaks={"q5"}, may_break={"q6"}),
+    mutation(
+        "static_batching",
+        "admits only when the batch is empty: static batching with extra steps",
+        [("            while waiting and len(running) < max_batch:\n",
+          "            while waiting and len(running) < max_batch and not any(\n"
+          "                    item[2] and len(item[2]) > 1 for item in running):\n")],
+        breaks={"q5", "q6"}),
+]
