@@ -66,7 +66,8 @@ def serve_continuous(model: torch.nn.Module, requests: Sequence[Request], kv_slo
 
 
 def run(rounds: int = 30, model: torch.nn.Module | None = None) -> list[dict[str, Any]]:
-    """The record for ``make bench``. Serving the stream takes seconds, so at most 3 rounds."""
+    """The record for ``make bench``. Serving the stream takes seconds, so at most 3 rounds and
+    no warm-up round (the first round's start-up costs are small beside a run of seconds)."""
     if model is None:
         from reference_impl.models import load
 
@@ -84,7 +85,7 @@ def run(rounds: int = 30, model: torch.nn.Module | None = None) -> list[dict[str
         "continuous": timer("continuous", lambda: serve_continuous(model, requests, kv_slots)),
         "static": timer("static", lambda: serve_static(
             model, requests, batch_size=static_batch_size(kv_slots, max_len), max_len=max_len)),
-    }, rounds=min(rounds, 3), warmup=1)
+    }, rounds=min(rounds, 3), warmup=0)
     ours, peer = results["continuous"], results["static"]
     if ours.outputs != peer.outputs:
         raise AssertionError("continuous and static batching generated different tokens")

@@ -26,13 +26,6 @@ MUTATIONS = [
           "    copy = False")],
         breaks={"q2"}, may_break={"q4"}),
     mutation(
-        "release_forgets_blocks",
-        "release empties the table without dropping its references: every block leaks",
-        [('''    for block in table.blocks:
-        allocator.free(block)
-    table.blocks.clear()''', '''    table.blocks.clear()''')],
-        breaks={"q2"}, may_break={"q4"}),
-    mutation(
         "logical_block_as_physical",
         "reads block j of the cache instead of the block the table maps j to",
         [("        block = block_tables[:, j]\n        k = k_cache[:, block].transpose(0, 1)",
@@ -59,13 +52,6 @@ MUTATIONS = [
     for j in range(blocks_for(int(context_lens.max()), size)):
         block = block_tables[:, j]''')],
         breaks={"q3"}, may_break={"q6"}),
-    mutation(
-        "generate_never_frees",
-        "generates the right tokens but never frees its sequences",
-        [('''    for seq in seqs:
-        cache.free_sequence(seq)
-    return outputs''', '''    return outputs''')],
-        breaks={"q4"}),
     mutation(
         "no_free_on_finish",
         "a finished request leaves the batch but keeps its blocks",
