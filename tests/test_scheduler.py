@@ -4,6 +4,7 @@ whatever the memory pressure (preemption), chunking or arrival pattern, and leak
 from __future__ import annotations
 
 import pytest
+import torch
 
 from reference_impl.serving.paged import PagedKVCache
 from reference_impl.serving.scheduler import (
@@ -130,3 +131,52 @@ def test_trace_and_block_figures_show_every_block():
     explorer.slider.value = len(result.trace) // 2
     assert explorer.image.value != first
     plt.close("all")
+
+
+def test_prefix_caching_reuses_blocks_and_changes_no_token():
+    """Requests sharing a 17-token system prompt: with prefix caching every request after the
+    first starts from the cached blocks of the prompt; tokens stay those of no cache at all."""
+    system = tuple(range(1, 18))
+    shared = [Request(i, system + tuple(r.prompt[:5]), r.max_new_tokens)
+              for i, r in enumerate(REQUESTS)]
+    expected = {r.id: greedy_without_cache(MODEL, list(r.prompt), r.max_new_tokens)
+                for r in shared}
+    plain = serve_continuous(num_blocks=60, requests=shared, max_batch=2)
+    cache = PagedKVCache.for_model(MODEL, 60, 4, prefix_caching=True)
+    cached = ContinuousBatcher(MODEL, cache, max_batch=2).run(shared)
+    assert plain.outputs == expected and cached.outputs == expected
+    # 16 of the 17 system-prompt tokens fill 4 blocks: each later request skips them.
+    assert plain.cached_tokens == 0 and cached.cached_tokens >= 16 * (len(shared) - 2)
+    assert cached.computed_tokens == plain.computed_tokens - cached.cached_tokens
+    cache.check()
+    assert cache.allocator.num_free == 60 and not cache.tables
+
+
+def test_prefix_cache_forgets_overwritten_blocks():
+    cache = PagedKVCache(1, 1, 2, num_blocks=2, block_size=2, prefix_caching=True)
+    x = torch.randn(1, 1, 2, 2)
+    a = cache.add_sequence_with_prefix([5, 6, 7])
+    cache.select([a])
+    cache.attend(0, x, x, x)
+    cache.advance(2)
+    cache.remember_blocks(a, [5, 6, 7])
+    assert cache.cached_prefix([5, 6, 7]) == cache.tables[a].blocks
+    cache.free_sequence(a)
+    assert cache.cached_prefix([5, 6, 9]) != []          # freed, still findable
+    b = cache.add_sequence()                             # a new sequence takes both blocks
+    cache.select([b])
+    cache.attend(0, torch.randn(1, 1, 4, 2), torch.randn(1, 1, 4, 2), torch.randn(1, 1, 4, 2))
+    cache.advance(4)
+    assert cache.cached_prefix([5, 6, 7]) == [], "an overwritten block must leave the cache"
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    """The last prompt token's logits give the first new token, so it is never taken from the
+    cache, even when the whole prompt fills cached blocks."""
+    prompt = tuple(range(3, 11))                         # 8 tokens: 2 full blocks of 4
+    twins = [Request(0, prompt, 5), Request(1, prompt, 5)]
+    cache = PagedKVCache.for_model(MODEL, 10, 4, prefix_caching=True)
+    result = ContinuousBatcher(MODEL, cache, max_batch=1).run(twins)
+    expected = greedy_without_cache(MODEL, list(prompt), 5)
+    assert result.outputs == {0: expected, 1: expected}
+    assert result.cached_tokens == 4

@@ -20,6 +20,7 @@ than one block, against a contiguous cache that reserves the maximum length up f
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,8 +49,9 @@ class BlockAllocator:
                              f"num_blocks={num_blocks}, block_size={block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # Popped from the end: the lowest-numbered blocks go first, which keeps figures tidy.
-        self._free = list(range(num_blocks - 1, -1, -1))
+        # Handed out least recently freed first: with prefix caching a free block keeps its
+        # contents, and the ones freed last are the likeliest to be asked for again (LRU).
+        self._free = deque(range(num_blocks))
         self._refs = [0] * num_blocks
 
     @property
@@ -60,9 +62,16 @@ class BlockAllocator:
         """A free block, now with one reference (``OutOfBlocks`` when none is left)."""
         if not self._free:
             raise OutOfBlocks(1, 0, self.num_blocks)
-        block = self._free.pop()
+        block = self._free.popleft()
         self._refs[block] = 1
         return block
+
+    def take(self, block: int) -> None:
+        """Allocate this particular free block (a cached prefix block being reused)."""
+        if not 0 <= block < self.num_blocks or self._refs[block] != 0:
+            raise ValueError(f"take: block {block} is not a free block")
+        self._free.remove(block)
+        self._refs[block] = 1
 
     def share(self, block: int) -> None:
         """One more sequence refers to ``block`` (a fork)."""
@@ -229,13 +238,20 @@ class PagedKVCache:
       Orca's selective batching (Yu et al., OSDI 2022, section 4.2).
 
     ``PagedKVCache(..., batch_size=B)`` adds and selects B sequences, a drop-in for a dense cache;
-    ``blocks_per_step`` is passed to ``paged_attention``.
+    ``blocks_per_step`` is passed to ``paged_attention``. ``prefix_caching=True`` keeps the
+    contents of full blocks findable by a hash of their tokens and of every token before them,
+    after their sequence is gone (vLLM's automatic prefix caching; SGLang's RadixAttention keeps
+    a radix tree instead): a new sequence whose prompt starts the same way reuses those blocks.
     """
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int,
                  block_size: int = 16, *, batch_size: int = 0, blocks_per_step: int = 1,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 prefix_caching: bool = False, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
         self.allocator = BlockAllocator(num_blocks, block_size)
+        self.prefix_caching = prefix_caching
+        self._block_of_hash: dict[int, int] = {}
+        self._hash_of_block: dict[int, int] = {}
         self.blocks_per_step = blocks_per_step
         self.block_size = block_size
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
@@ -282,6 +298,56 @@ class PagedKVCache:
             self.allocator.share(b)
         self.tables[child] = BlockTable(list(source.blocks), source.num_tokens)
         return child
+
+    # ---- prefix caching -------------------------------------------------------------------
+
+    def block_hashes(self, tokens: Sequence[int]) -> list[int]:
+        """One hash per full block of ``tokens``, each covering the block and all before it."""
+        hashes, previous = [], 0
+        for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
+            previous = hash((previous, tuple(tokens[start:start + self.block_size])))
+            hashes.append(previous)
+        return hashes
+
+    def cached_prefix(self, tokens: Sequence[int]) -> list[int]:
+        """Blocks holding the longest run of ``tokens``' leading full blocks, short of the last
+        token (which must be computed, for its logits)."""
+        if not self.prefix_caching:
+            return []
+        blocks = []
+        for h in self.block_hashes(tokens[:-1]):
+            if h not in self._block_of_hash:
+                break
+            blocks.append(self._block_of_hash[h])
+        return blocks
+
+    def add_sequence_with_prefix(self, tokens: Sequence[int]) -> int:
+        """A new sequence that starts with the cached blocks of ``tokens``' prefix (live blocks
+        shared, free ones taken back); it holds their tokens and computes only the rest."""
+        blocks = self.cached_prefix(tokens)
+        seq_id = self.add_sequence()
+        for b in blocks:
+            if self.allocator.ref_count(b):
+                self.allocator.share(b)
+            else:
+                self.allocator.take(b)
+        self.tables[seq_id] = BlockTable(blocks, len(blocks) * self.block_size)
+        return seq_id
+
+    def remember_blocks(self, seq_id: int, tokens: Sequence[int]) -> None:
+        """Make the full blocks of ``seq_id`` (whose first tokens are ``tokens``) findable."""
+        table = self._table(seq_id)
+        held = min(len(tokens), table.num_tokens)
+        for block, h in zip(table.blocks, self.block_hashes(tokens[:held])):
+            if h not in self._block_of_hash and block not in self._hash_of_block:
+                self._block_of_hash[h] = block
+                self._hash_of_block[block] = h
+
+    def _forget(self, block: int) -> None:
+        """A block about to be overwritten no longer holds what its hash says."""
+        h = self._hash_of_block.pop(block, None)
+        if h is not None:
+            del self._block_of_hash[h]
 
     def free_sequence(self, seq_id: int) -> None:
         """Drop a finished (or preempted) sequence and release its references to its blocks."""
@@ -397,6 +463,7 @@ class PagedKVCache:
             for i in range(table.num_tokens // self.block_size, blocks_for(end, self.block_size)):
                 if i == len(table.blocks):
                     table.blocks.append(self.allocator.allocate())
+                    self._forget(table.blocks[-1])
                     # Whatever the block held before (another sequence's keys, or nothing
                     # yet) becomes zeros, so reads of its unused slots are finite.
                     self.k[:, :, table.blocks[-1]] = 0
@@ -413,6 +480,7 @@ class PagedKVCache:
     def _copy_on_write(self, block: int) -> int:
         """A private copy of a shared block (all layers); the sharers keep the original."""
         copy = self.allocator.allocate()
+        self._forget(copy)
         self.k[:, :, copy] = self.k[:, :, block]
         self.v[:, :, copy] = self.v[:, :, block]
         self.allocator.free(block)
@@ -497,6 +565,8 @@ class PagedKVCache:
         for b in table.blocks[keep:]:
             self.allocator.free(b)
         del table.blocks[keep:]
+        if length % self.block_size and self.allocator.ref_count(table.blocks[-1]) == 1:
+            self._forget(table.blocks[-1])     # its tail will be overwritten in place
         table.num_tokens = length
         self._step, self._plans = None, {}
 

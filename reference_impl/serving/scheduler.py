@@ -7,7 +7,9 @@
   preempted and later recomputed from its tokens (Kwon et al., "PagedAttention", SOSP 2023,
   section 4.5). With ``token_budget`` set, prompts are split into chunks that ride along with
   the decode tokens of the other sequences, so a long prompt never stalls them (Agrawal et al.,
-  "Sarathi-Serve", OSDI 2024, section 4). Every step is one model call on a packed row.
+  "Sarathi-Serve", OSDI 2024, section 4). On a cache with ``prefix_caching``, a prompt starts
+  from the cached blocks of its longest known prefix. Every step is one model call on a packed
+  row.
 - ``serve_static``: the baseline Orca and vLLM improve on: fixed batches padded to their longest
   prompt, a contiguous cache that reserves the maximum length for every row, and a batch that
   runs until its longest request finishes.
@@ -75,13 +77,14 @@ class ServeResult:
 
     ``steps`` counts model calls, the hardware-independent cost of the schedule;
     ``computed_tokens`` counts token positions the model processed, padding and recomputation
-    included; ``kv_waste`` is, per finished request, the fraction of the KV slots reserved for it
-    that never held a token.
+    included; ``cached_tokens`` those a prefix cache spared it; ``kv_waste`` is, per finished
+    request, the fraction of the KV slots reserved for it that never held a token.
     """
 
     outputs: dict[int, list[int]]
     steps: int = 0
     computed_tokens: int = 0
+    cached_tokens: int = 0
     preemptions: int = 0
     wall_s: float = 0.0
     kv_waste: dict[int, float] = field(default_factory=dict)
@@ -179,15 +182,21 @@ class ContinuousBatcher:
             reserved += need
             budget -= n
             i += 1
-        # Admission: a waiting request joins if the free blocks cover its first chunk.
+        # Admission: a waiting request joins if the free blocks cover its first chunk (less the
+        # blocks a prefix cache already holds, plus the free ones among those, taken back).
         while waiting and len(running) < self.max_batch and budget > 0:
             seq = waiting[0]
-            n = min(len(seq.tokens), budget)
-            need = blocks_for(n, cache.block_size)
+            prefix = cache.cached_prefix(seq.tokens)
+            start = len(prefix) * cache.block_size
+            n = min(len(seq.tokens) - start, budget)
+            need = (blocks_for(start + n, cache.block_size) - len(prefix)
+                    + sum(1 for b in prefix if cache.allocator.ref_count(b) == 0))
             if reserved + need + self.watermark * len(running) > cache.allocator.num_free:
                 break
             waiting.popleft()
-            seq.seq_id = cache.add_sequence()
+            seq.seq_id = cache.add_sequence_with_prefix(seq.tokens)
+            seq.computed = start
+            result.cached_tokens += start
             running.append(seq)
             segments.append((seq, n))
             reserved += need
@@ -216,6 +225,8 @@ class ContinuousBatcher:
         for seq, n in segments:
             end += n
             seq.computed += n
+            if self.cache.prefix_caching:
+                self.cache.remember_blocks(seq.seq_id, seq.tokens)
             if seq.computed < len(seq.tokens):
                 continue                              # a prompt chunk: nothing to sample yet
             seq.tokens.append(int(logits[end - 1].argmax()))
