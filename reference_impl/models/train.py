@@ -31,8 +31,8 @@ from .tokenizer import CharTokenizer, load_corpus, split_corpus
 CONTEXT = 256
 SIZES = {
     # name: (d_model, n_layers, n_heads, steps, batch, peak learning rate)
-    "target": (192, 8, 6, 800, 8, 2e-3),
-    "draft": (64, 1, 2, 1500, 8, 4e-3),
+    "target": (192, 8, 6, 1500, 8, 2e-3),
+    "draft": (128, 1, 4, 1500, 8, 3e-3),
 }
 
 
