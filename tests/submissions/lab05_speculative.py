@@ -1,0 +1,46 @@
+"""Curated buggy submissions for Lab 5: the mistakes students make, and the points they cost."""
+
+from .mutations import mutation
+
+MUTATIONS = [
+    mutation(
+        "samples_from_q_on_rejection",
+        "redraws a rejected token from the draft's q instead of the residual max(0, p - q)",
+        [("    return sample_inverse_cdf(residual_distribution(p, q), v), False",
+          "    return sample_inverse_cdf(q, v), False")],
+        breaks={"q2"}, may_break={"q3"}),
+    mutation(
+        "p_q_swapped",
+        "accepts with probability min(1, q/p) instead of min(1, p/q)",
+        [("    accepted = u * q[token] < p[token]", "    accepted = u * p[token] < q[token]")],
+        breaks={"q2"}, may_break={"q3"}),
+    mutation(
+        "residual_not_normalised",
+        "returns max(0, p - q) without dividing by its sum, so redraws pile onto the last token",
+        [("    return residual / total", "    return residual")],
+        breaks={"q2"}, may_break={"q3"}),
+    mutation(
+        "forgets_bonus_token",
+        "emits only the proposals when all are accepted, dropping the target's free token",
+        [("    return list(proposals) + [best[len(proposals)]]",
+          "    return list(proposals) or [best[0]]")],
+        breaks={"q1"}, may_break={"q3", "q4", "q5"}),
+    mutation(
+        "off_by_one_acceptance",
+        "compares proposal i with the target's prediction one position later",
+        [("        if token != best[i]:", "        if token != best[i + 1]:")],
+        # The greedy output stays right unless a proposal matches the next argmax by chance;
+        # what it costs for sure is acceptance, so q5's forward-pass count catches it.
+        breaks={"q1", "q5"}, may_break={"q3", "q4"}),
+    mutation(
+        "keeps_rejected_kv",
+        "never truncates the target's cache, so later tokens attend to rejected proposals",
+        [("        target_cache.truncate(start + n)\n", "")],
+        breaks={"q3"}, may_break={"q4", "q5"}),
+    mutation(
+        "formula_off_by_one",
+        "sums alpha^k up to gamma - 1, forgetting the bonus token in the expectation",
+        [("    return (1 - alpha ** (gamma + 1)) / (1 - alpha)",
+          "    return (1 - alpha ** gamma) / (1 - alpha)")],
+        breaks={"q4"}),
+]
