@@ -131,7 +131,7 @@ def plot_sweep(rows: Sequence[dict[str, float]], cost_ratio: float | None = None
     left.plot(gammas, [r["tokens_per_step_theory"] for r in rows], "s--",
               label="theory, measured alpha")
     left.set_xlabel("gamma (draft tokens per step)")
-    left.set_ylabel("tokens per target forward")
+    left.set_ylabel("tokens per step (one target pass)")
     left.legend()
     right.plot(gammas, [r["speedup"] for r in rows], "o-", color="#C44E52", label="measured")
     if cost_ratio is not None:
