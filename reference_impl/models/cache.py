@@ -95,7 +95,8 @@ class DenseKVCache:
 
     @property
     def lengths(self) -> torch.Tensor:
-        return torch.full((self.batch,), self._length, dtype=torch.long)
+        return torch.full((self.batch,), self._length, dtype=torch.long,
+                          device=self.keys[0].device)
 
     def positions(self, n_new: int) -> torch.Tensor:
         self._check_room(n_new)

@@ -122,7 +122,8 @@ def speculative_generate(target: GPT, draft: GPT, prompt: torch.Tensor | list[in
     target's distribution at ``temperature``. Caches default to fresh ``DenseKVCache`` objects;
     any empty ``KVCache`` (a paged one, say) works.
     """
-    tokens = as_batch(prompt)
+    device = next(target.parameters()).device
+    tokens = as_batch(prompt).to(device)
     if tokens.shape[0] != 1:
         raise ValueError(f"speculative_generate decodes one sequence, got a batch of "
                          f"{tokens.shape[0]}")
@@ -165,18 +166,19 @@ def speculative_generate(target: GPT, draft: GPT, prompt: torch.Tensor | list[in
             # The draft's first forward catches up on every token it has not seen yet.
             feed = sequence[draft_cache.length:]
             for _ in range(g):
-                logits = draft(torch.tensor([feed]), draft_cache)[0, -1]
+                logits = draft(torch.tensor([feed], device=device), draft_cache)[0, -1]
                 stats.draft_forwards += 1
                 if greedy:
                     token = int(logits.argmax())
                 else:
                     q = _distribution(logits, temperature)
-                    token = int(sample_inverse_cdf(q, torch.rand((), generator=generator)))
+                    u = torch.rand((), generator=generator).to(device)
+                    token = int(sample_inverse_cdf(q, u))
                     draft_probs.append(q)
                 proposals.append(token)
                 feed = [token]
         # One target forward scores the last accepted token and every proposal.
-        verify = torch.tensor([[sequence[-1], *proposals]])
+        verify = torch.tensor([[sequence[-1], *proposals]], device=device)
         target_logits = target(verify, target_cache)[0]
         stats.target_forwards += 1
         emitted = _verify(target_logits, proposals, draft_probs, greedy, temperature, generator)
@@ -191,7 +193,7 @@ def speculative_generate(target: GPT, draft: GPT, prompt: torch.Tensor | list[in
         draft_cache.truncate(min(draft_cache.length, start + n_accepted))
         sequence += emitted
         stats.generated += len(emitted)
-    return torch.tensor(sequence[tokens.shape[1]:]), stats
+    return torch.tensor(sequence[tokens.shape[1]:], device=device), stats
 
 
 def _verify(target_logits: torch.Tensor, proposals: list[int], draft_probs: list[torch.Tensor],
@@ -209,8 +211,9 @@ def _verify(target_logits: torch.Tensor, proposals: list[int], draft_probs: list
                 return emitted + [best]
         else:
             p = _distribution(target_logits[i], temperature)
-            u, v = torch.rand(2, generator=generator)
-            out, accepted = accept_or_resample(p, draft_probs[i], torch.tensor(token), u, v)
+            u, v = torch.rand(2, generator=generator).to(p.device)
+            out, accepted = accept_or_resample(p, draft_probs[i],
+                                               torch.tensor(token, device=p.device), u, v)
             if not accepted:
                 return emitted + [int(out)]
         emitted.append(token)
@@ -218,5 +221,5 @@ def _verify(target_logits: torch.Tensor, proposals: list[int], draft_probs: list
     if greedy:
         return emitted + [int(last.argmax())]
     bonus = sample_inverse_cdf(_distribution(last, temperature),
-                               torch.rand((), generator=generator))
+                               torch.rand((), generator=generator).to(last.device))
     return emitted + [int(bonus)]
