@@ -6,7 +6,7 @@
 Both share the character tokenizer (written to assets/weights/tokenizer.json). The target is deep
 and the draft has a single layer: when decoding one token at a time on a CPU, time grows with the
 number of layers far more than with their width, and speculative decoding pays off only when a
-draft step costs a small fraction of a target step (Leviathan et al., ICML 2023, section 3.5).
+draft step costs a small fraction of a target step (Leviathan et al., ICML 2023, Theorem 3.8).
 
 Everything is seeded and runs on one thread (on a shared machine, several threads spend their time
 waiting for each other): the same machine and library versions give the same weights. Training uses

@@ -9,7 +9,7 @@ one. Tokens are accepted left to right:
 - greedy: a draft token is kept while it equals the target's argmax;
 - sampling: draft token x drawn from q is kept with probability min(1, p(x)/q(x)); at the first
   rejection the token is redrawn from the residual norm((p - q)+). The output is then distributed
-  exactly as the target's own samples (Leviathan et al., Theorem 3.5 / Appendix A.1).
+  exactly as the target's own samples (Leviathan et al., Appendix A.1).
 
 When every draft token is accepted the target's last distribution gives one more token for free
 (the bonus token), so a step yields between 1 and gamma + 1 tokens. If each draft token is accepted
@@ -41,7 +41,7 @@ def expected_tokens_per_step(alpha: float, gamma: int) -> float:
 
 def acceptance_rate(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Probability that one sampled draft token is accepted: sum_x min(p(x), q(x)) = 1 - TV(p, q)
-    (Leviathan et al., Definition 3.1)."""
+    (Leviathan et al., section 3.2)."""
     return torch.minimum(p, q).sum(-1)
 
 
