@@ -259,3 +259,21 @@ def test_bad_arguments_are_named() -> None:
     target(torch.tensor([[1]]), used)
     with pytest.raises(ValueError, match="target cache must start empty, it holds 1 tokens"):
         speculative_generate(target, draft, [1], 5, target_cache=used)
+
+
+def test_benchmark_sweep_counts_match_the_decoder(pair: tuple[GPT, GPT]) -> None:
+    """The benchmark's sweep (a short one) reproduces the decoder's own counts."""
+    from reference_impl.bench.speculative import prompts, summarise, sweep
+
+    target, draft = pair
+    prompt_set = prompts(2, 32)
+    rows = summarise(sweep(target, draft, gammas=(2, 5), rounds=1, new_tokens=40,
+                           prompt_set=prompt_set))
+    for row in rows:
+        stats = [speculative_generate(target, draft, p, 40, gamma=row["gamma"])[1]
+                 for p in prompt_set]
+        assert row["alpha"] == sum(s.accepted for s in stats) / sum(s.proposed for s in stats)
+        assert row["target_forwards_per_token"] == sum(s.target_forwards for s in stats) / 80
+        assert row["tokens_per_step_theory"] == expected_tokens_per_step(row["alpha"],
+                                                                         row["gamma"])
+        assert row["speedup"] > 0
