@@ -167,6 +167,35 @@ def test_interleaved_executor_gradients_match():
     assert_same_gradients(result.grads, expected)
 
 
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_repeated_steps_reuse_buffers_without_mixing_steps(name):
+    # The executor keeps its receive buffers from step to step; three steps on the same batch
+    # must give the gradients of one (each step starts from zero) and the same losses.
+    p, m = 3, 4
+    xs, ys = batch(m, seed=5)
+    result = run_pipeline(SCHEDULES[name](p, m), make_stage, xs, ys, nn.functional.mse_loss,
+                          steps=3)
+    expected, loss = reference_gradients(make_stage, p, xs, ys, nn.functional.mse_loss)
+    assert_same_gradients(result.grads, expected)
+    assert sum(result.losses) / m == pytest.approx(loss, rel=1e-5)
+
+
+def test_executor_sends_do_not_wait_for_the_receiver():
+    # Both neighbours send first: the validator refuses it (blocking sends deadlock), buffered
+    # sends finish it, and the executor posts its sends without waiting, so it runs.
+    m = 3
+    schedule = one_f_one_b_schedule(2, m)
+    k = schedule[0].index(Action("recv_bwd", 0))
+    schedule[0][k], schedule[0][k + 1] = schedule[0][k + 1], schedule[0][k]
+    assert find_deadlock(schedule)
+    simulate(schedule, blocking=False)  # raises ScheduleError if it deadlocks
+    xs, ys = batch(m, seed=6)
+    result = run_pipeline(schedule, make_stage, xs, ys, nn.functional.mse_loss, check=False,
+                          timeout=20)
+    expected, _ = reference_gradients(make_stage, 2, xs, ys, nn.functional.mse_loss)
+    assert_same_gradients(result.grads, expected)
+
+
 def test_measured_timeline_is_ordered_on_every_stage():
     m = 4
     xs, ys = batch(m)

@@ -6,10 +6,13 @@ A schedule is a list per stage (one stage per rank) of ``Action``s, run in order
     send_fwd(i) / recv_fwd(i) the activation of microbatch i, to the next stage / from the previous
     send_bwd(i) / recv_bwd(i) the gradient of that activation, to the previous / from the next
 
-Sends and receives are *blocking and matched one to one*, the way ``dist.send``/``dist.recv``
-behave on gloo: a send completes only when the peer posts the matching receive. Two neighbours
-that both send first wait on each other forever, so the order of the communication matters as
-much as the order of the compute, and the validator checks it before anything runs.
+A schedule is judged with sends and receives *blocking and matched one to one*, the way
+``dist.send``/``dist.recv`` behave on gloo: a send completes only when the peer posts the matching
+receive. Two neighbours that both send first wait on each other forever, so the order of the
+communication matters as much as the order of the compute, and the validator checks it before
+anything runs. The executor (``StageRunner``) posts its transfers non-blocking (``irecv`` and
+``isend``, as Megatron-LM does), so that a send never stalls a stage: every schedule the validator
+accepts runs there, and ``simulate(..., blocking=False)`` models its timing.
 
 With ``chunks = v > 1`` (the interleaved schedule of Narayanan et al., SC 2021, section 2.2)
 each rank holds v model chunks: chunk c of rank r is model stage ``c * p + r`` of ``p * v``, and
@@ -34,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import comm
+from .launcher import status
 
 COMPUTE = ("F", "B")
 SENDS = {"send_fwd": "recv_fwd", "send_bwd": "recv_bwd"}
@@ -517,6 +521,13 @@ class StageRunner:
     ``make_stage(s)`` builds model stage s (seeded, so that every process builds the same one).
     The loss of the whole batch is the mean of the microbatch losses, so each microbatch's loss
     is divided by m before its backward, and gradients accumulate across microbatches.
+
+    The schedule fixes the order of the work; the transfers need not block it. At the start of a
+    step every receive of the step is posted (``irecv``, into buffers kept from step to step),
+    and every send is posted as an ``isend`` that the step waits for only at its end. A
+    ``recv_*`` action then waits only for its data to arrive, and a send never waits for its
+    peer: the buffered model of ``simulate(..., blocking=False)``. Every schedule that finishes
+    under blocking sends (the ones ``validate`` accepts) finishes under this one too.
     """
 
     def __init__(self, rank: int, world_size: int, make_stage: Callable[[int], nn.Module],
@@ -527,6 +538,33 @@ class StageRunner:
                         for c in range(chunks)}
         self.shapes = _infer_shapes(self.modules, rank, world_size, self.stages, example)
         self.dtype = example.dtype
+        # One receive buffer per receive action, reused from step to step: a step waits for
+        # every receive it posts, so the next one can post into the same memory.
+        self._buffers: dict[Action, torch.Tensor] = {}
+
+    def _post_receives(self, actions: Sequence[Action]
+                       ) -> list[tuple[torch.Tensor, Any, str]]:
+        """Post every receive of ``actions`` now, in their order; returns, per receive, its
+        buffer, its pending work and what to call it while waiting for it."""
+        rank, p, stages = self.rank, self.p, self.stages
+        posted, seen = [], set()
+        for a in actions:
+            if a.op not in RECVS:
+                continue
+            s = model_stage(rank, a.chunk, p)
+            forward = a.op == "recv_fwd"
+            # A receive listed twice (an unchecked schedule) must not share its buffer.
+            buffer = self._buffers.get(a) if a not in seen else None
+            if buffer is None:
+                buffer = torch.empty(self.shapes[s, "in" if forward else "out"],
+                                     dtype=self.dtype)
+                self._buffers.setdefault(a, buffer)
+            seen.add(a)
+            src, tag = (s - 1 if forward else s + 1) % p, _tag(a, s, stages)
+            comm.stats.record("recv", 0.0)
+            posted.append((buffer, dist.irecv(buffer, src=src, tag=tag),
+                           f"recv({tuple(buffer.shape)}, src={src}, tag={tag})"))
+        return posted
 
     def step(self, actions: Sequence[Action], microbatches: Sequence[torch.Tensor],
              targets: Sequence[torch.Tensor],
@@ -536,6 +574,8 @@ class StageRunner:
         rank, p, stages, m = self.rank, self.p, self.stages, len(microbatches)
         for module in self.modules.values():
             module.zero_grad(set_to_none=True)
+        receives = iter(self._post_receives(actions))
+        sends: list[tuple[Any, torch.Tensor, str]] = []  # kept alive until they complete
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
         grads: dict[tuple[int, int], torch.Tensor] = {}
@@ -545,10 +585,15 @@ class StageRunner:
         for a in actions:
             s, key = model_stage(rank, a.chunk, p), (a.microbatch, a.chunk)
             start = time.perf_counter()
-            if a.op == "recv_fwd":
-                x = torch.empty(self.shapes[s, "in"], dtype=self.dtype)
-                comm.recv(x, src=(s - 1) % p, tag=_tag(a, s, stages))
-                inputs[key] = x.requires_grad_()
+            if a.op == "recv_fwd" or a.op == "recv_bwd":
+                buffer, work, what = next(receives)
+                with status(what):
+                    work.wait()
+                if a.op == "recv_fwd":
+                    # A fresh leaf on the buffer's memory, so that its .grad is this step's.
+                    inputs[key] = buffer.detach().requires_grad_()
+                else:
+                    grads[key] = buffer
             elif a.op == "F":
                 x = microbatches[a.microbatch] if s == 0 else inputs[key]
                 out = self.modules[s](x)
@@ -558,19 +603,23 @@ class StageRunner:
                 outputs[key] = out
                 held += 1
                 peak = max(peak, held)
-            elif a.op == "send_fwd":
-                comm.send(outputs[key].detach(), dst=(s + 1) % p, tag=_tag(a, s, stages))
-            elif a.op == "recv_bwd":
-                g = torch.empty(self.shapes[s, "out"], dtype=self.dtype)
-                comm.recv(g, src=(s + 1) % p, tag=_tag(a, s, stages))
-                grads[key] = g
             elif a.op == "B":
                 out = outputs.pop(key)
                 out.backward(grads.pop(key) if s < stages - 1 else None)
                 held -= 1
-            elif a.op == "send_bwd":
-                comm.send(inputs.pop(key).grad, dst=(s - 1) % p, tag=_tag(a, s, stages))
+            else:
+                if a.op == "send_fwd":
+                    tensor, dst = outputs[key].detach(), (s + 1) % p
+                else:
+                    tensor, dst = inputs.pop(key).grad, (s - 1) % p
+                tag = _tag(a, s, stages)
+                comm.stats.record("send", tensor.numel() * tensor.element_size())
+                sends.append((dist.isend(tensor, dst=dst, tag=tag), tensor,
+                              f"send({tuple(tensor.shape)}, dst={dst}, tag={tag})"))
             events.append(Event(rank, a.op, a.microbatch, a.chunk, start, time.perf_counter()))
+        for work, _, what in sends:
+            with status(what):
+                work.wait()
         return {"losses": losses, "events": events, "peak_in_flight": peak}
 
     def gradients(self) -> dict[str, torch.Tensor]:
