@@ -89,3 +89,28 @@ def test_collective_bytes_follow_the_ring_formulas():
         assert result["reduce_scatter"]["bytes"] == pytest.approx((n - 1) / n * size)
         assert result["all_gather"]["bytes"] == pytest.approx((n - 1) / n * size)
         assert result["total"] == pytest.approx(4 * (n - 1) / n * size)
+
+
+def _deadlock_reported_slowly(rank: int, world_size: int) -> None:
+    # Both ranks wait in recv for each other. Rank 0 times out first, and gloo closes its
+    # connections at once; rank 1 then fails with "Connection closed by peer" while rank 0 is
+    # still on its way to report (held back here by a second, as a busy grader can be).
+    buffer = torch.zeros(1)
+    if rank == 0:
+        try:
+            comm.recv(buffer, src=1)
+        except RuntimeError:
+            time.sleep(1.0)
+            raise
+    else:
+        time.sleep(1.0)
+        comm.recv(buffer, src=0)
+
+
+def test_a_deadlock_is_blamed_on_the_rank_that_timed_out_not_on_its_closed_peer():
+    with pytest.raises(WorkerError) as info:
+        launch(_deadlock_reported_slowly, 2, timeout=60, group_timeout=3)
+    error = info.value
+    assert error.rank == 0, str(error)
+    assert "Timed out" in error.remote_traceback.split("Other ranks")[0], str(error)
+    assert "rank 1: RuntimeError (its peer had gone)" in str(error)

@@ -169,14 +169,49 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | N
                         from None
                 continue
             if message[0] == "error":
-                _, rank, error_type, text, where = message
-                raise WorkerError(rank, error_type, text, where)
+                raise _root_cause([message] + _more_errors(results, processes, ERROR_GRACE_S))
             _, rank, payload = message
             values[rank] = pickle.loads(payload)
         finished = True
     finally:
         _stop(processes, grace=5.0 if finished else 0.0)
     return [values[rank] for rank in range(world_size)]
+
+
+# When one rank fails, its peers usually fail a moment later because its connections closed; the
+# first message to arrive is not always the cause. These markers name such knock-on failures.
+KNOCK_ON = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+            "Broken pipe")
+ERROR_GRACE_S = 3.0
+
+
+def _more_errors(results: Any, processes: list[Any], grace: float) -> list[tuple[Any, ...]]:
+    """The other ranks' error messages that arrive within ``grace`` seconds of the first."""
+    found: list[tuple[Any, ...]] = []
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        try:
+            message = results.get(timeout=0.1)
+        except Exception:  # queue.Empty
+            if not any(p.is_alive() for p in processes):
+                break
+            continue
+        if message[0] == "error":
+            found.append(message)
+    return found
+
+
+def _root_cause(errors: list[tuple[Any, ...]]) -> WorkerError:
+    """The error that explains the run: the first one that is not a peer's connection closing
+    (a timeout or the student's own exception), with the other ranks' failures summarised."""
+    primary = next((e for e in errors if not any(m in e[3] for m in KNOCK_ON)), errors[0])
+    _, rank, error_type, text, where = primary
+    others = [f"rank {e[1]}: {e[2]}" + (" (its peer had gone)" if any(m in e[3] for m in KNOCK_ON)
+                                        else "")
+              for e in errors if e is not primary]
+    if others:
+        text = text.rstrip("\n") + "\nOther ranks failed too: " + "; ".join(others) + "\n"
+    return WorkerError(rank, error_type, text, where)
 
 
 def _stop(processes: list[Any], grace: float) -> None:
