@@ -17,6 +17,7 @@ from reference_impl.serving.paged import (
     BlockAllocator,
     OutOfBlocks,
     PagedKVCache,
+    attention_plan,
     blocks_for,
     paged_attention,
 )
@@ -206,7 +207,28 @@ def test_packed_step_equals_rows():
                 ([5, 6, 7, 8, 9, 10, 11], [20, 21, 22, 23], [1, 2, 3, 4])]
     for got, want in zip(packed[[0, 4, 5]], expected):
         torch.testing.assert_close(got, want.detach(), rtol=1e-9, atol=1e-9)
+    # A second packed call: c's next chunk reads its first one back through the cache, between
+    # two decodes; a, the longest, comes last, so the cache reorders the decode rows.
+    with torch.no_grad():
+        paged.select_packed([(b, 1), (c, 3), (a, 1)])
+        packed = model(torch.tensor([[6, 24, 25, 26, 12]]), paged)[0]
+    expected = [model(torch.tensor([seq]))[0, -1] for seq in
+                ([1, 2, 3, 4, 6], [20, 21, 22, 23, 24, 25, 26], [5, 6, 7, 8, 9, 10, 11, 12])]
+    for got, want in zip(packed[[0, 3, 4]], expected):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-9, atol=1e-9)
     paged.check()
+
+
+def test_plan_steps_skip_rows_with_nothing_to_read():
+    """Rows sorted longest first: step j reads only the rows whose keys reach it."""
+    lens = torch.tensor([23, 12, 9, 2])
+    tables = torch.arange(4 * 6).view(4, 6)
+    plan = attention_plan(tables, lens, 1, block_size=4, blocks_per_step=2)
+    # Keys 0-7 for every row, 8-15 for the first three, 16-23 for the first alone.
+    assert [tuple(b.shape) for b in plan.blocks] == [(4, 2), (3, 2), (1, 2)]
+    # Unsorted rows: a step keeps every row up to the last one that reaches it.
+    plan = attention_plan(tables[[3, 0, 2, 1]], lens[[3, 0, 2, 1]], 1, 4, 2)
+    assert [b.shape[0] for b in plan.blocks] == [4, 4, 2]
 
 
 def test_fork_copies_on_write_and_shares_until_then():

@@ -35,7 +35,7 @@ from .harness import device_name, measure_interleaved, ratio_record
 NUM_REQUESTS = 48
 STATIC_ROWS = 4          # the KV budget: this many rows of the longest request
 BLOCK_SIZE = 4
-BLOCKS_PER_STEP = 16
+BLOCKS_PER_STEP = 32      # 128 keys a step: the longest requests (~250 tokens) in two
 
 
 def paged_waste(requests: Sequence[Request], block_size: int) -> float:

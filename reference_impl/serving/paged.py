@@ -19,12 +19,14 @@ than one block, against a contiguous cache that reserves the maximum length up f
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn import functional as F  # noqa: N812
 
 
 class OutOfBlocks(RuntimeError):
@@ -121,9 +123,11 @@ class AttentionPlan:
     """What ``paged_attention`` reads at each step, and which of it to mask: the same for every
     layer of a model step, so the cache computes it once per step and reuses it."""
 
-    blocks: list[torch.Tensor]             # [B, g] physical block ids per step
-    hidden: list[torch.Tensor | None]      # [B, n, g*bs]: key after the query, or past the end?
-    unstored: list[torch.Tensor | None]    # [B, g*bs, 1]: slot past the sequence's end?
+    blocks: list[torch.Tensor]             # [m, g] physical block ids per step
+    hidden: list[torch.Tensor | None]      # [m, n, g*bs]: key after the query, or past the end?
+    unstored: list[torch.Tensor | None]    # [m, g*bs, 1]: slot past the sequence's end?
+    # A step reads rows 0..m-1 only: the rows after the last one with a key in the step have
+    # nothing to read there, so it skips them (rows sorted longest first skip the most).
 
 
 def attention_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, n: int,
@@ -148,11 +152,14 @@ def attention_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, n: in
     context_lens = context_lens.to(device)
     q_pos = context_lens[:, None] - n + torch.arange(n, device=device)          # [B, n]
     plan = AttentionPlan([], [], [])
+    lengths = context_lens.tolist()
     for j in range(0, num_blocks, blocks_per_step):
-        block = block_tables[:, j:j + blocks_per_step]                          # [B, g]
-        k_pos = j * block_size + torch.arange(block.shape[1] * block_size, device=device)
-        visible = k_pos[None, None, :] <= q_pos[:, :, None]                     # [B, n, gbs]
-        stored = (k_pos[None, :] < context_lens[:, None])[:, :, None]           # [B, gbs, 1]
+        first_key = j * block_size
+        rows = 1 + max(b for b in range(B) if lengths[b] > first_key)
+        block = block_tables[:rows, j:j + blocks_per_step]                      # [m, g]
+        k_pos = first_key + torch.arange(block.shape[1] * block_size, device=device)
+        visible = k_pos[None, None, :] <= q_pos[:rows, :, None]                 # [m, n, gbs]
+        stored = (k_pos[None, :] < context_lens[:rows, None])[:, :, None]       # [m, gbs, 1]
         plan.blocks.append(block)
         plan.hidden.append(None if bool(visible.all()) else ~visible)
         plan.unstored.append(None if bool(stored.all()) else ~stored)
@@ -195,33 +202,61 @@ def paged_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Ten
         plan = attention_plan(block_tables.to(q.device), context_lens, n, block_size,
                               blocks_per_step)
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
-    running_max = torch.full((B, H, n), -math.inf, dtype=q.dtype, device=q.device)
-    denominator = torch.zeros((B, H, n), dtype=q.dtype, device=q.device)
-    out = torch.zeros_like(q)
     # Work head-major, [H, B, ...]: gathering g blocks of every row from [H, num_blocks, bs, Dh]
     # gives [H, B, g, bs, Dh], whose last three axes flatten to [H, B, g*bs, Dh] without a copy.
     q = (q * scale).transpose(0, 1)                                             # [H, B, n, Dh]
-    running_max = running_max.transpose(0, 1)
-    denominator = denominator.transpose(0, 1)
-    out = out.transpose(0, 1)
+    running_max = denominator = out = None
     for block, hidden, unstored in zip(plan.blocks, plan.hidden, plan.unstored):
-        B, g = block.shape
+        m, g = block.shape                 # the step reads rows 0..m-1 (see AttentionPlan)
         ids = block.flatten()
-        k = k_blocks.index_select(1, ids).view(H, B, g * block_size, Dh)       # [H, B, gbs, Dh]
-        v = v_blocks.index_select(1, ids).view(H, B, g * block_size, Dh)
-        scores = q @ k.transpose(-1, -2)                                        # [H, B, n, gbs]
+        k = k_blocks.index_select(1, ids).view(H, m, g * block_size, Dh)       # [H, m, gbs, Dh]
+        v = v_blocks.index_select(1, ids).view(H, m, g * block_size, Dh)
+        scores = q[:, :m] @ k.transpose(-1, -2)                                 # [H, m, n, gbs]
         if hidden is not None:
             scores = scores.masked_fill_(hidden, -math.inf)
         if unstored is not None and not unused_finite:
             v = v.masked_fill_(unstored, 0.0)     # v is a fresh copy: zero its unused slots
-        new_max = torch.maximum(running_max, scores.amax(-1))
-        # Block 0 holds key 0, visible to every query, so new_max is finite from the first step.
-        weights = torch.exp(scores - new_max[..., None])
-        correction = torch.exp(running_max - new_max)
-        denominator = denominator * correction + weights.sum(-1)
-        out = out * correction[..., None] + weights @ v
-        running_max = new_max
-    return (out / denominator[..., None]).transpose(0, 1)
+        if running_max is None:
+            # The first step holds key 0, visible to every query: its max is finite, and there
+            # is nothing yet to rescale (on a CPU every skipped operation is time saved).
+            running_max = scores.amax(-1, keepdim=True)
+            weights = torch.exp(scores.sub_(running_max))
+            denominator = weights.sum(-1, keepdim=True)
+            out = weights @ v
+            continue
+        # In place on the first m rows: the others have no key in this step.
+        old_max = running_max[:, :m]
+        new_max = torch.maximum(old_max, scores.amax(-1, keepdim=True))
+        weights = torch.exp(scores.sub_(new_max))
+        correction = torch.exp(old_max - new_max)
+        denominator[:, :m].mul_(correction).add_(weights.sum(-1, keepdim=True))
+        out[:, :m].mul_(correction).add_(weights @ v)
+        old_max.copy_(new_max)
+    if out is None:                    # no key at all: only possible with no query either
+        return torch.zeros_like(q).transpose(0, 1)
+    return out.div_(denominator).transpose(0, 1)
+
+
+@dataclass
+class _Step:
+    """A model step's layout, fixed at its first layer: tokens per segment, whether the segment's
+    sequence held nothing before (a prompt from scratch), and each new token's slot."""
+
+    counts: list[int]
+    fresh: list[bool]
+    block: torch.Tensor                    # [tokens] physical block of each new token
+    offset: torch.Tensor                   # [tokens] its slot in that block
+    starts: list[int] = field(init=False)
+    singles: list[int] = field(init=False)            # segments of one token (decodes)
+    singles_span: tuple[int, int] | None = field(init=False)  # their tokens, if contiguous
+
+    def __post_init__(self) -> None:
+        self.starts = [0, *itertools.accumulate(self.counts)][:-1]
+        self.singles = [i for i, c in enumerate(self.counts) if c == 1]
+        first = self.singles[0] if self.singles else 0
+        contiguous = self.singles == list(range(first, first + len(self.singles)))
+        self.singles_span = ((self.starts[first], self.starts[first] + len(self.singles))
+                             if self.singles and contiguous else None)
 
 
 class PagedKVCache:
@@ -262,7 +297,7 @@ class PagedKVCache:
         self._next_id = 0
         self._segments: list[tuple[int, int]] = []   # (sequence id, new tokens) of this step
         self._packed = False
-        self._step: dict[str, torch.Tensor] | None = None
+        self._step: _Step | None = None
         self._plans: dict[tuple, tuple] = {}   # attention plans of this step, per group
         if batch_size:
             self.select([self.add_sequence() for _ in range(batch_size)])
@@ -444,7 +479,7 @@ class PagedKVCache:
         pos = torch.cat(rows)[None] if self._packed else torch.stack(rows)
         return pos.to(self.k.device)
 
-    def _prepare(self, n_new: int, B: int) -> dict[str, torch.Tensor]:
+    def _prepare(self, n_new: int, B: int) -> _Step:
         """Reserve slots for this step's tokens (allocating and copying on write) and index them.
 
         Done once per step, at the first layer; all or nothing, so a step that runs out of blocks
@@ -456,11 +491,14 @@ class PagedKVCache:
         needed = sum(self.blocks_needed(s, c) for (s, _), c in zip(self._segments, counts))
         if needed > self.allocator.num_free:
             raise OutOfBlocks(needed, self.allocator.num_free, self.allocator.num_blocks)
-        block_ids, offsets = [], []
+        bs = self.block_size
+        block_ids: list[int] = []
+        offsets: list[int] = []
+        fresh: list[bool] = []
         for (s, _), c in zip(self._segments, counts):
             table = self.tables[s]
             end = table.num_tokens + c
-            for i in range(table.num_tokens // self.block_size, blocks_for(end, self.block_size)):
+            for i in range(table.num_tokens // bs, blocks_for(end, bs)):
                 if i == len(table.blocks):
                     table.blocks.append(self.allocator.allocate())
                     self._forget(table.blocks[-1])
@@ -470,11 +508,13 @@ class PagedKVCache:
                     self.v[:, :, table.blocks[-1]] = 0
                 elif self.allocator.ref_count(table.blocks[i]) > 1:
                     table.blocks[i] = self._copy_on_write(table.blocks[i])
-            pos = torch.arange(table.num_tokens, end)
-            block_ids.append(torch.tensor(table.blocks)[pos // self.block_size])
-            offsets.append(pos % self.block_size)
-        self._step = {"counts": torch.tensor(counts), "block": torch.cat(block_ids),
-                      "offset": torch.cat(offsets)}
+            # Plain Python here: one tensor per step below, not one per sequence.
+            block_ids += [table.blocks[p // bs] for p in range(table.num_tokens, end)]
+            offsets += [p % bs for p in range(table.num_tokens, end)]
+            fresh.append(table.num_tokens == 0)
+        device = self.k.device
+        self._step = _Step(counts, fresh, torch.tensor(block_ids, device=device),
+                           torch.tensor(offsets, device=device))
         return self._step
 
     def _copy_on_write(self, block: int) -> int:
@@ -498,31 +538,49 @@ class PagedKVCache:
         # [B, H, n, Dh] -> one row of [H, Dh] per new token, in segment order.
         flat_k = k.transpose(1, 2).reshape(-1, H, Dh)
         flat_v = v.transpose(1, 2).reshape(-1, H, Dh)
-        self.k[layer][:, step["block"], step["offset"]] = flat_k.transpose(0, 1).to(self.k.dtype)
-        self.v[layer][:, step["block"], step["offset"]] = flat_v.transpose(0, 1).to(self.v.dtype)
+        self.k[layer][:, step.block, step.offset] = flat_k.transpose(0, 1).to(self.k.dtype)
+        self.v[layer][:, step.block, step.offset] = flat_v.transpose(0, 1).to(self.v.dtype)
         if not self._packed:
+            if all(step.fresh):
+                # A prompt from scratch: its keys are exactly the new ones, already at hand, so
+                # attention is plain causal attention over them (the cache is not read back).
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return self._attend_rows(layer, q, [s for s, _ in self._segments], n_new)
         # Packed: decode tokens (one each) attend together; each prompt chunk on its own.
         out = torch.empty_like(q)
-        counts = step["counts"].tolist()
-        starts = [0, *torch.cumsum(step["counts"], 0).tolist()[:-1]]
-        singles = [i for i, c in enumerate(counts) if c == 1]
-        if singles:
-            index = torch.tensor([starts[i] for i in singles], device=q.device)
-            rows = q[0][:, index].transpose(0, 1)[:, :, None]                  # [m, H, 1, Dh]
-            seqs = [self._segments[i][0] for i in singles]
-            out[0][:, index] = self._attend_rows(layer, rows, seqs, 1)[:, :, 0].transpose(0, 1)
-        for i, c in enumerate(counts):
+        if step.singles:
+            if step.singles_span is not None:    # usual case: the decodes come first, in a run
+                lo, hi = step.singles_span
+                rows = q[0, :, lo:hi].transpose(0, 1)[:, :, None]              # [m, H, 1, Dh]
+            else:
+                index = torch.tensor([step.starts[i] for i in step.singles], device=q.device)
+                rows = q[0][:, index].transpose(0, 1)[:, :, None]
+            seqs = [self._segments[i][0] for i in step.singles]
+            att = self._attend_rows(layer, rows, seqs, 1)[:, :, 0].transpose(0, 1)
+            if step.singles_span is not None:
+                out[0, :, lo:hi] = att
+            else:
+                out[0][:, index] = att
+        for i, c in enumerate(step.counts):
             if c > 1:
-                chunk = q[:, :, starts[i]:starts[i] + c]
-                out[:, :, starts[i]:starts[i] + c] = self._attend_rows(
-                    layer, chunk, [self._segments[i][0]], c)
+                span = slice(step.starts[i], step.starts[i] + c)
+                if step.fresh[i]:
+                    out[:, :, span] = F.scaled_dot_product_attention(
+                        q[:, :, span], k[:, :, span], v[:, :, span], is_causal=True)
+                else:
+                    out[:, :, span] = self._attend_rows(layer, q[:, :, span],
+                                                        [self._segments[i][0]], c)
         return out
 
     def _attend_rows(self, layer: int, q: torch.Tensor, seq_ids: list[int], n_new: int
                      ) -> torch.Tensor:
         key = ("plan", *seq_ids)
         if key not in self._plans:      # once per step: every layer reads the same blocks
+            # Longest first, so that each step of the plan reads only the rows that reach it.
+            order = sorted(range(len(seq_ids)), key=lambda b: -self.tables[seq_ids[b]].num_tokens)
+            permute = (None if order == list(range(len(seq_ids)))
+                       else torch.tensor(order, device=q.device))
+            seq_ids = [seq_ids[b] for b in order]
             tables = [self.tables[s].blocks for s in seq_ids]
             width = max(len(t) for t in tables)
             # Pad with the row's own first block: a real block, so its slots are finite.
@@ -530,11 +588,15 @@ class PagedKVCache:
                                         device=q.device)
             context = torch.tensor([self.tables[s].num_tokens + n_new for s in seq_ids],
                                    device=q.device)
-            self._plans[key] = (block_tables, context, attention_plan(
+            self._plans[key] = (permute, block_tables, context, attention_plan(
                 block_tables, context, n_new, self.block_size, self.blocks_per_step))
-        block_tables, context, plan = self._plans[key]
-        return paged_attention(q, self.k[layer], self.v[layer], block_tables, context,
-                               plan=plan, unused_finite=True).to(q.dtype)
+        permute, block_tables, context, plan = self._plans[key]
+        if permute is None:
+            return paged_attention(q, self.k[layer], self.v[layer], block_tables, context,
+                                   plan=plan, unused_finite=True).to(q.dtype)
+        out = paged_attention(q.index_select(0, permute), self.k[layer], self.v[layer],
+                              block_tables, context, plan=plan, unused_finite=True)
+        return torch.empty_like(q).index_copy_(0, permute, out.to(q.dtype))
 
     def advance(self, n_new: int) -> None:
         """Commit the step's tokens (after every layer has stored its keys and values)."""
