@@ -17,6 +17,20 @@ from typing import Any
 import numpy as np
 
 
+def check_ratio(yours: list[float], peer: list[float], *, what: str, peer_name: str,
+                bound: float, unit: str = "step", advice: str = "") -> float:
+    """Grade speed as a ratio: the median of ``yours`` over the median of ``peer`` (seconds,
+    measured interleaved in one process). Prints both times; fails above ``bound``."""
+    ratio = float(np.median(yours) / np.median(peer))
+    print(f"{what}: yours {np.median(yours) * 1e3:.2f} ms, {peer_name} "
+          f"{np.median(peer) * 1e3:.2f} ms, ratio {ratio:.2f}")
+    if ratio > bound:
+        raise AssertionError(
+            f"your {what} takes {ratio:.2f}x the time of {peer_name} (median of {len(yours)} "
+            f"interleaved {unit}s; the bound is {bound:g}x)" + (f": {advice}" if advice else ""))
+    return ratio
+
+
 class GradingTimeout(Exception):
     """A student's code ran longer than the test allows (an infinite loop, or far too slow)."""
 

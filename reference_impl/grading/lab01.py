@@ -24,6 +24,7 @@ from reference_impl.bench.autograd import train_step_timer
 from reference_impl.bench.harness import measure_interleaved
 from reference_impl.grading import (
     assert_close,
+    check_ratio,
     describe,
     float_tolerance,
     forbid,
@@ -626,14 +627,9 @@ def check_speed(Tensor: Any, MLP: Any, SGD: Any, cross_entropy: Any, bound: floa
 
     with time_limit(240, "timing your training step (784-512-512-10 MLP, batch 256)"):
         times = measure_interleaved({"yours": guarded_student, "reference": reference}, rounds)
-    ratio = float(np.median(times["yours"]) / np.median(times["reference"]))
-    print(f"training step: yours {np.median(times['yours']) * 1e3:.2f} ms, reference "
-          f"{np.median(times['reference']) * 1e3:.2f} ms, ratio {ratio:.2f}")
-    if ratio > bound:
-        raise AssertionError(
-            f"your training step takes {ratio:.2f}x the reference's time (median of {rounds} "
-            f"interleaved steps; the bound is {bound:g}x): profile it and remove the overhead")
-    return ratio
+    return check_ratio(times["yours"], times["reference"], what="training step",
+                       peer_name="the reference", bound=bound,
+                       advice="profile it and remove the overhead")
 
 
 __all__ = [

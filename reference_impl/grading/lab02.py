@@ -16,7 +16,6 @@ batch, and are compared with plain ``torch.optim.AdamW`` on the whole batch in o
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from reference_impl.bench.zero import mlp, step_timer
-from reference_impl.grading import assert_close, forbid, require, time_limit
+from reference_impl.grading import assert_close, check_ratio, forbid, require, time_limit
 from reference_impl.parallel import WorkerError, comm, launch
 from reference_impl.parallel.launcher import LaunchTimeout
 from reference_impl.parallel.memory import comm_volume, model_state_bytes
@@ -374,14 +373,9 @@ def check_speed(cls: Any, stage: int, world_size: int, bound: float, rounds: int
                              "test only counts a step that trains the model correctly")
     per_round = {name: [max(r[name][i] for r in results) for i in range(rounds)]
                  for name in ("yours", "reference")}
-    ratio = statistics.median(per_round["yours"]) / statistics.median(per_round["reference"])
-    print(f"Zero{stage} step at N={world_size}: yours "
-          f"{statistics.median(per_round['yours']) * 1e3:.1f} ms, reference "
-          f"{statistics.median(per_round['reference']) * 1e3:.1f} ms, ratio {ratio:.2f}")
-    if ratio > bound:
-        raise AssertionError(f"your ZeRO-{stage} step takes {ratio:.2f}x the reference's (median "
-                             f"of {rounds} interleaved steps; the bound is {bound:g}x)")
-    return ratio
+    return check_ratio(per_round["yours"], per_round["reference"],
+                       what=f"ZeRO-{stage} step at N={world_size}", peer_name="the reference",
+                       bound=bound)
 
 
 __all__ = ["check_partition", "check_speed", "check_theory", "check_zero", "sizes_for",

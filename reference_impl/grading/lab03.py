@@ -10,7 +10,6 @@ gradients are compared with the unsplit model's in one process.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from reference_impl.bench.pipeline import compare_with_torch, measured_bubble
-from reference_impl.grading import assert_close, forbid, require, time_limit
+from reference_impl.grading import assert_close, check_ratio, forbid, require, time_limit
 from reference_impl.parallel import LaunchTimeout, WorkerError, launch
 from reference_impl.parallel import pipeline as ref
 
@@ -301,14 +300,8 @@ def check_speed(pipeline_worker: Callable[..., Any], bound: float,
     check_worker(pipeline_worker, world_size=2, ms=[3], seed=600, namespace=namespace)
     with guard(namespace):
         times = compare_with_torch(2, 4, "1f1b", rounds=6, worker=pipeline_worker, timeout=120)
-    ratio = statistics.median(times["ours"]) / statistics.median(times["torch"])
-    print(f"your 1F1B step: {statistics.median(times['ours']) * 1e3:.1f} ms, "
-          f"torch.distributed.pipelining's: {statistics.median(times['torch']) * 1e3:.1f} ms "
-          f"(ratio {ratio:.2f})")
-    if ratio > bound:
-        raise AssertionError(f"your pipeline step takes {ratio:.2f}x as long as "
-                             f"torch.distributed.pipelining's; the bound is {bound}x")
-    return ratio
+    return check_ratio(times["ours"], times["torch"], what="1F1B pipeline step",
+                       peer_name="torch.distributed.pipelining", bound=bound)
 
 
 def check_bubble(pipeline_worker: Callable[..., Any], world_size: int, m: int,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from reference_impl.bench.harness import measure_interleaved
-from reference_impl.grading import assert_close, forbid, require, time_limit
+from reference_impl.grading import assert_close, check_ratio, forbid, require, time_limit
 from reference_impl.serving.paged import (
     BlockAllocator,
     BlockTable,
@@ -530,14 +529,8 @@ def check_speed(fn: Any, bound: float, rounds: int = 15, seed: int = 5,
         yours = timer(lambda: fn(*args))
         times = measure_interleaved({"yours": yours, "reference": timer(
             lambda: _reference_decode(*args))}, rounds)
-    ratio = statistics.median(times["yours"]) / statistics.median(times["reference"])
-    print(f"paged decode attention: yours {statistics.median(times['yours']) * 1e3:.2f} ms, "
-          f"reference {statistics.median(times['reference']) * 1e3:.2f} ms, ratio {ratio:.2f}")
-    if ratio > bound:
-        raise AssertionError(f"your paged_decode_attention takes {ratio:.2f}x the reference's "
-                             f"time (median of {rounds} interleaved calls; the bound is "
-                             f"{bound:g}x)")
-    return ratio
+    return check_ratio(times["yours"], times["reference"], what="paged_decode_attention",
+                       peer_name="the reference", bound=bound, unit="call")
 
 
 _PAGED_ATTENTION = paged_attention
