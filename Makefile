@@ -18,16 +18,22 @@ TORCH_INDEX ?= --index-url https://download.pytorch.org/whl/cpu
 endif
 
 LAB ?= lab01_autograd
+# assign, update-labs and check take the labs named in LABS (default: every lab); assign and
+# update-labs grade the solution unless CHECK=0.
+LABS ?=
+CHECK ?= 1
+ASSIGN_FLAGS = $(if $(filter 0,$(CHECK)),--no-check)
 SUBMISSIONS ?= submissions
 OUT ?= grading-output
 
-.PHONY: help setup book test lab assign grade bench check lint lock clean nbgrader
+.PHONY: help setup book test lab assign update-labs grade bench check lint lock clean nbgrader
 
 help:
 	@echo "make book     build the book (every notebook executed) into book/_build/html"
 	@echo "make test     the whole test suite (lint, reference, labs, grading, book)"
 	@echo "make lab      JupyterLab on labs/"
-	@echo "make assign   regenerate labs/ and grader/dist/*-autograder.zip from solutions/"
+	@echo "make assign   build grader/dist/ (autograder zips, solutions) from solutions/"
+	@echo "make update-labs   also regenerate labs/ (refuses to overwrite a changed notebook)"
 	@echo "make grade LAB=lab01_autograd SUBMISSIONS=folder [OUT=grading-output]"
 	@echo "make bench    run the benchmarks; results in book/benchmarks/results.json"
 	@echo "make nbgrader LAB=lab01_autograd   the lab as an nbgrader course in grader/dist/nbgrader"
@@ -55,10 +61,15 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=labs
 
 assign: $(STAMP)
-	$(BIN)/course assign
+	$(BIN)/course assign $(ASSIGN_FLAGS) $(LABS)
+
+# The only target that writes labs/: it refuses where a student changed a file (FORCE=1 keeps the
+# changed file beside the new one as <name>.bak-<time>).
+update-labs: $(STAMP)
+	$(BIN)/course assign --update-labs $(if $(FORCE),--force) $(ASSIGN_FLAGS) $(LABS)
 
 grade: $(STAMP)
-	test -f grader/dist/$(LAB)-autograder.zip || $(BIN)/course assign $(LAB)
+	test -f grader/dist/$(LAB)-autograder.zip || $(BIN)/course assign $(ASSIGN_FLAGS) $(LAB)
 	$(BIN)/course grade $(LAB) $(SUBMISSIONS) --out $(OUT)
 
 bench: $(STAMP)
@@ -68,7 +79,7 @@ nbgrader: $(STAMP)
 	$(BIN)/course nbgrader $(LAB)
 
 check: $(STAMP)
-	$(BIN)/course check
+	$(BIN)/course check $(LABS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -31,7 +31,8 @@ ENV PATH=/opt/course/venv/bin:$PATH \
 WORKDIR /opt/course/src
 COPY pyproject.toml ./
 COPY requirements/constraints.txt requirements/constraints.txt
-COPY reference_impl reference_impl
+COPY course_runtime course_runtime
+COPY course_reference course_reference
 COPY grader grader
 
 # PyPI's torch for Linux is the CUDA build; its CUDA libraries come as pip wheels (cuda-toolkit,
@@ -43,7 +44,7 @@ RUN python3.11 -m venv /opt/course/venv \
     && pip check \
     && python -m ipykernel install --prefix /opt/course --name python3 \
         --display-name "Python 3 (AI Systems course)" \
-    && python -c "import torch, otter, reference_impl.grading.lab01; \
+    && python -c "import torch, otter, grader.checks.lab01_autograd; \
 assert torch.__version__.startswith('${TORCH_VERSION}') and torch.version.cuda, torch.__version__" \
     && python -c "from jupyter_client.kernelspec import KernelSpecManager; \
 spec = KernelSpecManager().get_kernel_spec('python3'); \

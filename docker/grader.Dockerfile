@@ -12,7 +12,7 @@
 #     folder exists: nothing of the course lives there (it lives in /opt/course).
 #   * setup.sh creates the conda env `otter-env` (Python 3.11 and otter-grader only) and
 #     run_autograder grades from it; otter runs the notebook in the kernel named `python3`.
-#     otter-env knows nothing of torch or reference_impl, so this image registers its own
+#     otter-env knows nothing of torch or the course, so this image registers its own
 #     `python3` kernel, found first through JUPYTER_PATH: the notebook and its tests run in the
 #     course's pinned environment (the one CI grades in) and otter-env only drives the run.
 #   * otter starts containers with the command /autograder/run_autograder: no ENTRYPOINT here.
@@ -39,7 +39,8 @@ ENV PATH=/opt/course/venv/bin:$PATH \
 WORKDIR /opt/course/src
 COPY pyproject.toml ./
 COPY requirements/constraints.txt requirements/constraints.txt
-COPY reference_impl reference_impl
+COPY course_runtime course_runtime
+COPY course_reference course_reference
 COPY grader grader
 
 # As `make setup` does: torch's CPU build first (about 200 MB instead of several GB of CUDA
@@ -51,7 +52,7 @@ RUN python3.11 -m venv /opt/course/venv \
     && pip check \
     && python -m ipykernel install --prefix /opt/course --name python3 \
         --display-name "Python 3 (AI Systems course)" \
-    && python -c "import torch, otter, reference_impl.grading.lab01; \
+    && python -c "import torch, otter, grader.checks.lab01_autograd; \
 assert torch.__version__.startswith('${TORCH_VERSION}') and torch.version.cuda is None, torch.__version__" \
     && python -c "from jupyter_client.kernelspec import KernelSpecManager; \
 spec = KernelSpecManager().get_kernel_spec('python3'); \

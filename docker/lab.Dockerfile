@@ -13,7 +13,8 @@ ENV PATH=/opt/course/venv/bin:$PATH \
 WORKDIR /opt/course/src
 COPY pyproject.toml ./
 COPY requirements/constraints.txt requirements/constraints.txt
-COPY reference_impl reference_impl
+COPY course_runtime course_runtime
+COPY course_reference course_reference
 COPY grader grader
 
 # torch's CPU build first, as `make setup` does on a machine without a GPU; then the course,
@@ -23,7 +24,7 @@ RUN python -m venv /opt/course/venv \
         --index-url https://download.pytorch.org/whl/cpu \
     && pip install -c requirements/constraints.txt . "otter-grader[grading]" jupyterlab ipywidgets \
     && pip check \
-    && python -c "import torch, otter, reference_impl.data; \
+    && python -c "import torch, otter, course_runtime.data; \
 assert torch.__version__.startswith('${TORCH_VERSION}') and torch.version.cuda is None, torch.__version__"
 
 # The student owns their labs and nothing else.

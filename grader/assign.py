@@ -1,8 +1,9 @@
-"""`make assign`: otter assign for every lab, into labs/ (committed) and grader/dist/ (built).
+"""`make assign`: otter assign for every lab, into grader/dist/ (built, never committed).
 
 otter assign writes cell ids at random and a timestamped zip; this wrapper renumbers the ids so
 that labs/ only changes when the master does, gives the zip a stable name, and refuses a master
-whose solution does not score 100 %.
+whose solution does not score 100 %. It writes labs/ (committed) only when asked
+(``update_labs``), through ``grader.student_folder``, which never overwrites a student's work.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import nbformat
 
-from .labs import DIST, Lab
+from .labs import DIST, REPO, Lab
 
 
 def normalize_notebook(path: Path) -> None:
@@ -51,23 +51,27 @@ def build(lab: Lab, out: Path) -> None:
     run_otter_assign(lab, out)
 
 
-def assign(lab: Lab, check: bool = True) -> None:
+def assign(lab: Lab, check: bool = True, update_labs: bool = False, force: bool = False) -> None:
+    """Build ``lab`` into grader/dist/<lab>/ and its zip; update labs/<lab>/ if ``update_labs``."""
     from .grade import grade_one_in_subprocess
+    from .student_folder import out_of_sync, update_student_folder
 
-    with tempfile.TemporaryDirectory(prefix=f"assign-{lab.name}-") as tmp:
-        out = Path(tmp) / "out"
-        build(lab, out)
-        zips = sorted((out / "autograder").glob("*-autograder_*.zip"))
-        if len(zips) != 1:
-            raise RuntimeError(f"expected one autograder zip for {lab.name}, found {zips}")
-        DIST.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(zips[0], lab.autograder_zip)
-        shutil.copyfile(out / "autograder" / f"{lab.name}.ipynb", lab.solution_notebook)
-        if lab.student_dir.exists():
-            shutil.rmtree(lab.student_dir)
-        shutil.copytree(out / "student", lab.student_dir)
-    print(f"{lab.name}: wrote {lab.student_dir.relative_to(lab.student_dir.parents[1])}/ and "
-          f"{lab.autograder_zip.relative_to(lab.student_dir.parents[1])}")
+    out = DIST / lab.name
+    build(lab, out)
+    zips = sorted((out / "autograder").glob("*-autograder_*.zip"))
+    if len(zips) != 1:
+        raise RuntimeError(f"expected one autograder zip for {lab.name}, found {zips}")
+    shutil.copyfile(zips[0], lab.autograder_zip)
+    shutil.copyfile(out / "autograder" / f"{lab.name}.ipynb", lab.solution_notebook)
+    print(f"{lab.name}: wrote {lab.autograder_zip.relative_to(REPO)} and "
+          f"{(out / 'student').relative_to(REPO)}/")
+    if update_labs:
+        written = update_student_folder(lab, out / "student", force=force)
+        print(f"{lab.name}: labs/{lab.name}/ " +
+              (f"updated ({len(written)} files)" if written else "already up to date"))
+    elif problems := out_of_sync(lab, out / "student"):
+        print(f"{lab.name}: labs/{lab.name}/ differs from this build ({problems[0]}, ...); "
+              "`make update-labs` updates it, never overwriting a changed notebook")
     if check:
         outcome = grade_one_in_subprocess(lab.autograder_zip, lab.solution_notebook,
                                           timeout=900, memory_gb=6)

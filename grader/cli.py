@@ -1,6 +1,7 @@
 """The `course` command: assign labs, grade a batch, check what students receive.
 
-    course assign [LAB ...]            regenerate labs/ and grader/dist/ from solutions/
+    course assign [LAB ...]            build grader/dist/ (zips, solutions) from solutions/
+    course assign --update-labs        ... and update labs/, refusing to overwrite changed work
     course grade LAB SUBMISSIONS/      grade a folder of notebooks into final_grades.csv
     course check                       labs/ in sync with solutions/, and nothing leaked
     course nbgrader LAB [--out DIR]    the lab as an nbgrader course (source/ and release/)
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("assign", help="otter assign every lab (or the ones named)")
     p.add_argument("labs", nargs="*")
     p.add_argument("--no-check", action="store_true", help="skip grading the solution")
+    p.add_argument("--update-labs", action="store_true",
+                   help="also update labs/ (refuses where a file changed since assign wrote it)")
+    p.add_argument("--force", action="store_true",
+                   help="with --update-labs: update changed files too, keeping each as .bak-<time>")
 
     p = commands.add_parser("grade", help="grade a folder of submissions without Docker")
     p.add_argument("lab")
@@ -47,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "assign":
         from .assign import assign
         for lab in labs:
-            assign(lab, check=not args.no_check)
+            assign(lab, check=not args.no_check, update_labs=args.update_labs,
+                   force=args.force)
         return 0
 
     if args.command == "grade":
@@ -63,12 +69,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "check":
-        from .checks import find_leaks, out_of_sync
-        problems = [p for lab in labs for p in out_of_sync(lab) + find_leaks(lab)]
+        import tempfile
+
+        from .assign import build
+        from .leaks import find_leaks
+        from .student_folder import out_of_sync
+        problems = []
+        for lab in labs:
+            with tempfile.TemporaryDirectory() as tmp:
+                build(lab, Path(tmp) / "out")
+                problems += out_of_sync(lab, Path(tmp) / "out" / "student") + find_leaks(lab)
         for problem in problems:
             print(problem)
         if problems:
-            print("run `make assign` and commit labs/ (or fix the leak)")
+            print("run `make update-labs` and commit labs/ (or fix the leak)")
             return 1
         print(f"labs/ in sync, no leaks ({', '.join(lab.name for lab in labs)})")
         return 0

@@ -1,31 +1,68 @@
-"""Where a lab's files live. A lab is a folder solutions/labNN_<topic>/ holding <name>.ipynb."""
+"""Where a lab's files live: the manifest ``grader/labs.toml`` names every file of every lab
+under the lab's one key (``labNN_<topic>``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 SOLUTIONS = REPO / "solutions"
 LABS = REPO / "labs"
 DIST = REPO / "grader" / "dist"
+MANIFEST = REPO / "grader" / "labs.toml"
+
+
+@cache
+def manifest() -> dict[str, dict[str, Any]]:
+    """The manifest as read: ``{key: {"title": ..., "master": path, ...}}``."""
+    return tomllib.loads(MANIFEST.read_text())
 
 
 @dataclass(frozen=True)
 class Lab:
     name: str
+    entry: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.entry:
+            if self.name not in manifest():
+                raise SystemExit(f"{self.name} is not in {MANIFEST.relative_to(REPO)}")
+            object.__setattr__(self, "entry", manifest()[self.name])
+
+    def path(self, key: str) -> Path:
+        return REPO / self.entry[key]
+
+    def paths(self, key: str) -> list[Path]:
+        value = self.entry.get(key, [])
+        return [REPO / v for v in ([value] if isinstance(value, str) else value)]
+
+    @property
+    def title(self) -> str:
+        return self.entry["title"]
 
     @property
     def master(self) -> Path:
-        return SOLUTIONS / self.name / f"{self.name}.ipynb"
+        return self.path("master")
 
     @property
     def student_dir(self) -> Path:
-        return LABS / self.name
+        return self.path("student")
 
     @property
     def student_notebook(self) -> Path:
         return self.student_dir / f"{self.name}.ipynb"
+
+    @property
+    def checks(self) -> Path:
+        return self.path("checks")
 
     @property
     def autograder_zip(self) -> Path:
@@ -38,8 +75,7 @@ class Lab:
 
 
 def all_labs() -> list[Lab]:
-    return [Lab(p.name) for p in sorted(SOLUTIONS.glob("lab[0-9][0-9]_*")) if
-            (p / f"{p.name}.ipynb").exists()]
+    return [Lab(name) for name in sorted(manifest())]
 
 
 def find_lab(name: str) -> Lab:

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference_impl.autograd import (
+from course_reference.autograd import (
     MLP,
     SGD,
     Adam,
@@ -21,7 +21,7 @@ from reference_impl.autograd import (
     topological_order,
     unbroadcast,
 )
-from reference_impl.grading.lab01 import broadcast_pair
+from grader.checks.lab01_autograd import broadcast_pair
 
 F64 = np.float64
 
@@ -309,7 +309,7 @@ def test_optimizers_follow_torch_step_for_step(make):
 
 
 def test_mlp_learns_digits_above_95_percent():
-    from reference_impl.data import load_digits_split
+    from course_runtime.data import load_digits_split
 
     X_train, X_test, y_train, y_test = load_digits_split()
     model = MLP([64, 128, 10], seed=0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reference_impl import device as dev
+from course_runtime import device as dev
 
 
 @pytest.fixture(autouse=True)

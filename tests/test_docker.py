@@ -391,7 +391,7 @@ def constraint_problems(dockerfile: Dockerfile,
                 problems.append(f"{install}: {', '.join(floating)} not pinned by the "
                                 "constraints file")
         for project in install.local:
-            for needed in ("pyproject.toml", "reference_impl", "grader"):
+            for needed in ("pyproject.toml", "course_runtime", "course_reference", "grader"):
                 if f"{project}/{needed}" not in copied:
                     problems.append(f"{install}: {project}/{needed} is not copied into the image")
     return problems
@@ -466,7 +466,7 @@ def otter_problems(dockerfile: Dockerfile) -> list[str]:
     if not any(name == "python3" and prefix and f"{prefix.rstrip('/')}/share/jupyter" in
                jupyter_path.split(":") for name, prefix in kernels):
         problems.append("no `python3` kernel found first through JUPYTER_PATH: otter would run "
-                        "the notebook in otter-env, which has neither torch nor reference_impl")
+                        "the notebook in otter-env, which has neither torch nor the course")
     installs = dockerfile.pip_installs()
     for package in ("otter-grader", "ipykernel"):
         if not any(install.installs(package) for install in installs):
@@ -537,9 +537,9 @@ def test_otter_template_still_asks_what_the_checks_assume():
 def test_dockerignore_keeps_local_state_out_of_the_context():
     patterns = dockerignore_patterns((REPO / ".dockerignore").read_text())
     for path in (".venv/bin/python", "book/_build/html/index.html",
-                 "grader/dist/lab01_autograd-autograder.zip", "reference_impl/__pycache__/x.pyc"):
+                 "grader/dist/lab01_autograd-autograder.zip", "course_reference/__pycache__/x.pyc"):
         assert is_ignored(path, patterns), f"{path} would be sent to the Docker daemon"
-    for path in ("reference_impl/autograd/tensor.py", "labs/lab01_autograd/lab01_autograd.ipynb",
+    for path in ("course_reference/autograd/tensor.py", "labs/lab01_autograd/lab01_autograd.ipynb",
                  "requirements/constraints.txt", "pyproject.toml"):
         assert not is_ignored(path, patterns), f"{path} is needed by the images"
 
@@ -581,8 +581,8 @@ BROKEN = [
      "COPY requirements/constraints.txt constraints.txt", "constraints", "not copied"),
     ("lab.Dockerfile", "jupyterlab ipywidgets", "jupyterlab ipywidgets black", "constraints",
      "black not pinned"),
-    ("grader.Dockerfile", "COPY reference_impl reference_impl", "", "constraints",
-     "reference_impl is not copied"),
+    ("grader.Dockerfile", "COPY course_reference course_reference", "", "constraints",
+     "course_reference is not copied"),
     ("lab.Dockerfile", "USER student", "USER root", "lab", "as root"),
     ("lab.Dockerfile", "USER student", "", "lab", "as root"),
     ("lab.Dockerfile", "USER student", "USER teacher", "lab", "never created"),

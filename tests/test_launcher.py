@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from reference_impl.parallel import LaunchTimeout, WorkerError, comm, launch
+from course_runtime.distributed import LaunchTimeout, WorkerError, comm, launch
 
 
 def _sum_of_ranks(rank: int, world_size: int, scale: float) -> float:

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from reference_impl.parallel.memory import (
+from course_reference.parallel.memory import (
     bytes_per_gpu,
     comm_volume,
     max_params,

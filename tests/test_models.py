@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from reference_impl.models import (
+from course_runtime.models import (
     GPT,
     CharTokenizer,
     DenseKVCache,
@@ -21,10 +21,10 @@ from reference_impl.models import (
     load_meta,
     load_tokenizer,
 )
-from reference_impl.models.cache import attention_reference
-from reference_impl.models.gpt import apply_rope, rope_tables
-from reference_impl.models.tokenizer import split_corpus
-from reference_impl.models.train import evaluate
+from course_runtime.models.cache import attention_reference
+from course_runtime.models.gpt import apply_rope, rope_tables
+from course_runtime.models.tokenizer import split_corpus
+from course_runtime.models.train import evaluate
 
 PROMPTS = ["Call me Ishmael. ", "The whale", "\"Aye, aye, sir!\" cried Stubb"]
 

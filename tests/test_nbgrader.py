@@ -11,9 +11,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from grader.checks import solution_lines
 from grader.cli import main
 from grader.labs import Lab
+from grader.leaks import solution_lines
 from grader.nbgrader_export import (
     COURSE_ID,
     ConversionError,

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from torch.nn import functional as F  # noqa: N812
 
-from reference_impl.serving.paged import (
+from course_reference.serving.paged import (
     BlockAllocator,
     OutOfBlocks,
     PagedKVCache,
@@ -381,8 +381,8 @@ TestCacheMachine.settings = settings(max_examples=60, stateful_step_count=30, de
 def test_shipped_target_generates_the_same_tokens_with_the_paged_cache():
     """The course's target GPT (float64, so no argmax can flip by rounding): greedy tokens
     through the paged cache, packed with other sequences, equal greedy tokens without a cache."""
-    from reference_impl.models import generate, load, load_tokenizer
-    from reference_impl.serving.scheduler import ContinuousBatcher, Request
+    from course_reference.serving.scheduler import ContinuousBatcher, Request
+    from course_runtime.models import generate, load, load_tokenizer
 
     model = load("target").double()
     tokenizer = load_tokenizer()

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from reference_impl.parallel import LaunchTimeout, WorkerError
-from reference_impl.parallel.pipeline import (
+from course_reference.parallel.pipeline import (
     Action,
     ScheduleError,
     bubble_formula,
@@ -25,6 +24,7 @@ from reference_impl.parallel.pipeline import (
     simulate,
     validate,
 )
+from course_runtime.distributed import LaunchTimeout, WorkerError
 
 SIZES = [(p, m) for p in (1, 2, 3, 4, 8) for m in (1, 2, 3, 4, 7, 16)]
 SCHEDULES = {"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule}

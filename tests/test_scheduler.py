@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference_impl.serving.paged import PagedKVCache
-from reference_impl.serving.scheduler import (
+from course_reference.serving.paged import PagedKVCache
+from course_reference.serving.scheduler import (
     ContinuousBatcher,
     Request,
     request_stream,
@@ -104,7 +104,7 @@ def test_trace_and_block_figures_show_every_block():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from reference_impl.viz.paged import (
+    from course_runtime.viz.paged import (
         block_owners,
         block_table_explorer,
         draw_blocks,

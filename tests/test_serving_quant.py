@@ -13,9 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from reference_impl.models import GPT, load
-from reference_impl.models.train import encoded_splits, evaluate
-from reference_impl.serving.quant import (
+from course_reference.serving.quant import (
     LINEARS,
     QuantizedLinear,
     absmax_scales,
@@ -35,6 +33,8 @@ from reference_impl.serving.quant import (
     smoothing_scales,
     unpack_int4,
 )
+from course_runtime.models import GPT, load
+from course_runtime.models.train import encoded_splits, evaluate
 
 WINDOWS = 8  # validation windows of 256 characters: 2048 predictions per loss
 

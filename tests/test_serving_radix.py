@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference_impl.serving.radix import RadixCache
+from course_reference.serving.radix import RadixCache
 
 # Small alphabets and lengths make shared prefixes (and edge splits) common.
 sequences = st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=8), min_size=1,

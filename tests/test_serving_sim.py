@@ -6,16 +6,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from reference_impl.models import GPT, DenseKVCache, GPTConfig
-from reference_impl.models.cache import attention_reference
-from reference_impl.serving.roofline import (
+from course_reference.serving.roofline import (
     H100_SXM,
     LLAMA2_7B,
     DecoderShape,
     decode_cost,
     step_cost,
 )
-from reference_impl.serving.sim import (
+from course_reference.serving.sim import (
     EngineCost,
     SimRequest,
     colocated,
@@ -26,6 +24,8 @@ from reference_impl.serving.sim import (
     simulate_engine,
     slo_attainment,
 )
+from course_runtime.models import GPT, DenseKVCache, GPTConfig
+from course_runtime.models.cache import attention_reference
 
 CFG = GPTConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, context=128)
 

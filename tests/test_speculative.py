@@ -8,15 +8,15 @@ import itertools
 import pytest
 import torch
 
-from reference_impl.grading.lab05 import toy_gpt as grading_toy_gpt
-from reference_impl.models import GPT, DenseKVCache, generate, load, load_tokenizer
-from reference_impl.serving import (
+from course_reference.serving import (
     accept_or_resample,
     expected_tokens_per_step,
     residual_distribution,
     speculative_generate,
 )
-from reference_impl.serving.speculative import acceptance_rate, sample_inverse_cdf
+from course_reference.serving.speculative import acceptance_rate, sample_inverse_cdf
+from course_runtime.models import GPT, DenseKVCache, generate, load, load_tokenizer
+from grader.checks.lab05_speculative import toy_gpt as grading_toy_gpt
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +257,7 @@ def test_bad_arguments_are_named() -> None:
 
 def test_benchmark_sweep_counts_match_the_decoder(pair: tuple[GPT, GPT]) -> None:
     """The benchmark's sweep (a short one) reproduces the decoder's own counts."""
-    from reference_impl.bench.speculative import prompts, summarise, sweep
+    from course_reference.bench.speculative import prompts, summarise, sweep
 
     target, draft = pair
     prompt_set = prompts(2, 32)

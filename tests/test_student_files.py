@@ -7,15 +7,17 @@ import shutil
 import nbformat
 import pytest
 
-from grader.checks import find_leaks, hidden_test_names, out_of_sync, solution_lines
 from grader.labs import Lab
+from grader.leaks import find_leaks, hidden_test_names, solution_lines
+from grader.student_folder import out_of_sync
 
 from .conftest import lab_names
 
 
 @pytest.mark.parametrize("lab", lab_names())
-def test_labs_folder_is_in_sync_with_the_master(lab):
-    assert out_of_sync(Lab(lab)) == [], "run `make assign` and commit labs/"
+def test_labs_folder_is_in_sync_with_the_master(assigned, lab):
+    assert out_of_sync(Lab(lab), assigned(lab).out / "student") == [], \
+        "run `make update-labs` and commit labs/"
 
 
 @pytest.mark.parametrize("lab", lab_names())

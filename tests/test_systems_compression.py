@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from reference_impl.parallel import comm, launch
-from reference_impl.systems.powersgd import (
+from course_reference.systems.powersgd import (
     PowerSGD,
     TopK,
     ddp_comm_hook,
@@ -21,6 +20,7 @@ from reference_impl.systems.powersgd import (
     stochastic_round,
     variance_minimizing_levels,
 )
+from course_runtime.distributed import comm, launch
 
 
 def _grads(steps, workers, *shape, seed=0):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from reference_impl.systems.cost_model import (
+from course_reference.systems.cost_model import (
     Cluster,
     GPTConfig,
     Strategy,
@@ -20,7 +20,7 @@ from reference_impl.systems.cost_model import (
     search,
     split_batch,
 )
-from reference_impl.systems.tensor_parallel import MLP, Attention
+from course_reference.systems.tensor_parallel import MLP, Attention
 
 CONFIG = GPTConfig(layers=2, hidden=32, heads=4, seq=16, vocab=50)
 

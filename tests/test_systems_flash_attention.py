@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from reference_impl.systems.flash_attention import dense_attention_traffic, flash_attention
+from course_reference.systems.flash_attention import dense_attention_traffic, flash_attention
 
 
 @pytest.mark.parametrize("version", [1, 2])

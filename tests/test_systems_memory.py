@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from reference_impl.systems.memory_saving import (
+from course_reference.systems.memory_saving import (
     OffloadSavedTensors,
     SavedTensorCounter,
     checkpointed_peak_bytes,

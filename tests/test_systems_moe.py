@@ -7,13 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from reference_impl.parallel import comm, launch
-from reference_impl.systems.moe import (
-    capacity_for,
-    expert_parallel_moe,
-    moe_layer,
-    top_k_gate,
-)
+from course_reference.systems.moe import capacity_for, expert_parallel_moe, moe_layer, top_k_gate
+from course_runtime.distributed import comm, launch
 
 C, H, E = 6, 10, 4
 

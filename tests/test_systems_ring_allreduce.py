@@ -7,17 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from reference_impl.parallel import comm, launch
-from reference_impl.systems.ring_allreduce import (
+from course_reference.systems.ring_allreduce import (
     BucketedAllReduce,
     make_buckets,
     ring_contributions,
     ring_schedule,
 )
+from course_runtime.distributed import comm, launch
 
 
 def _ring(rank: int, world_size: int, numel: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    from reference_impl.systems.ring_allreduce import ring_all_reduce
+    from course_reference.systems.ring_allreduce import ring_all_reduce
 
     torch.manual_seed(rank)
     mine = torch.randn(numel, dtype=torch.float64)

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from reference_impl.parallel import comm, launch
-from reference_impl.systems.ring_attention import (
+from course_reference.systems.ring_attention import (
     attention_block,
     merge,
     ring_attention,
     token_positions,
     ulysses_attention,
 )
+from course_runtime.distributed import comm, launch
 
 
 def _ring(rank, world_size, q, k, v, causal, layout):

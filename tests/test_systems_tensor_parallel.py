@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference_impl.parallel import comm, launch
-from reference_impl.systems.tensor_parallel import (
+from course_reference.systems.tensor_parallel import (
     MLP,
     Attention,
     TensorParallelAttention,
     TensorParallelMLP,
 )
+from course_runtime.distributed import comm, launch
 
 
 def _build(kind: str) -> torch.nn.Module:

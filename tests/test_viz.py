@@ -1,5 +1,5 @@
-"""The book's figures and widgets (reference_impl.viz): what they compute is right, and what they
-draw has one mark per thing drawn."""
+"""The figures and widgets (course_runtime.viz, course_reference.viz): what they compute is right,
+and what they draw has one mark per thing drawn."""
 
 from __future__ import annotations
 
@@ -8,19 +8,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from reference_impl.autograd import MLP, Tensor, cross_entropy, topological_order
-from reference_impl.viz import (
+from course_reference.autograd import MLP, Tensor, cross_entropy, topological_order
+from course_reference.viz import (
     backward_animation,
     backward_explorer,
     backward_steps,
     draw_graph,
     graph_nodes,
     known_gradients,
-    median_time,
-    plot_op_overhead,
     plot_ratios,
     results_table,
 )
+from course_runtime.viz import median_time, plot_op_overhead
 
 matplotlib.use("Agg")
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from reference_impl.parallel import WorkerError, comm, launch
-from reference_impl.parallel.memory import comm_volume
-from reference_impl.parallel.zero import ZeroAdamW, padded_numel, shard_bounds
+from course_reference.parallel.memory import comm_volume
+from course_reference.parallel.zero import ZeroAdamW, padded_numel, shard_bounds
+from course_runtime.distributed import WorkerError, comm, launch
 
 STEPS, BATCH, LR, WD = 3, 4, 1e-2, 0.1
 

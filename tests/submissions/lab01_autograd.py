@@ -87,10 +87,10 @@ MUTATIONS = [
         breaks={"q5"}, may_break={"q6"}),
     mutation(
         "backward_calls_reference_engine",
-        "delegates backward() to reference_impl.autograd instead of writing it",
+        "delegates backward() to course_reference.autograd instead of writing it",
         [(SOLUTION_ORDER_HEAD + SOLUTION_ORDER_BODY,
           "def topological_order(root):\n"
-          "    from reference_impl.autograd.tensor import topological_order as reference_order\n"
+          "    from course_reference.autograd.tensor import topological_order as reference_order\n"
           "    return reference_order(root)\n")],
         breaks={"q3"}, may_break={"q6", "q7"}),
     mutation(

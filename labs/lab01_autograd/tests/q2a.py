@@ -8,6 +8,6 @@ points = 6
 @test_case(points=2, hidden=False, 
     success_message="the elementwise ops match PyTorch on the public shapes")
 def test_elementwise_public(Tensor, env):
-    from reference_impl.grading.lab01 import check_ops
+    from grader.checks.lab01_autograd import check_ops
     check_ops(Tensor, 'elementwise', seed=None, namespace=env)
 

@@ -8,6 +8,6 @@ points = 3
 @test_case(points=1, hidden=False, 
     success_message="the unary ops match PyTorch on the public shapes")
 def test_unary_public(Tensor, env):
-    from reference_impl.grading.lab01 import check_ops
+    from grader.checks.lab01_autograd import check_ops
     check_ops(Tensor, 'unary', seed=None, namespace=env)
 

@@ -8,6 +8,6 @@ points = 8
 @test_case(points=2, hidden=False, 
     success_message="the diamond-shaped graph is ordered and differentiated correctly")
 def test_engine_public(Tensor, make_node, topological_order, backward, env):
-    from reference_impl.grading.lab01 import check_engine_basics
+    from grader.checks.lab01_autograd import check_engine_basics
     check_engine_basics(Tensor, make_node, topological_order, backward, namespace=env)
 

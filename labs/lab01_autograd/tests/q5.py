@@ -8,6 +8,6 @@ points = 4
 @test_case(points=1, hidden=False, 
     success_message="Adam matches torch.optim.Adam for 5 steps")
 def test_adam_public(Tensor, Adam, env):
-    from reference_impl.grading.lab01 import check_adam
+    from grader.checks.lab01_autograd import check_adam
     check_adam(Tensor, Adam, seed=0, steps=5, namespace=env)
 

@@ -8,6 +8,6 @@ points = 6
 @test_case(points=3, hidden=False, 
     success_message="your training step is within 2.5x of the reference's")
 def test_speed_public(Tensor, MLP, SGD, cross_entropy, env):
-    from reference_impl.grading.lab01 import check_speed
+    from grader.checks.lab01_autograd import check_speed
     check_speed(Tensor, MLP, SGD, cross_entropy, bound=2.5, namespace=env)
 

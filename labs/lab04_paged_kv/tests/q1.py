@@ -8,6 +8,6 @@ points = 8
 @test_case(points=3, hidden=False, 
     success_message="your allocator agrees with the reference on a random program")
 def test_allocator_public(BlockAllocator, env):
-    from reference_impl.grading.lab04 import check_allocator
+    from grader.checks.lab04_paged_kv import check_allocator
     check_allocator(BlockAllocator, seed=0, steps=40, namespace=env)
 

@@ -7,6 +7,6 @@ points = 8
 
 @test_case(points=3, hidden=False)
 def test_greedy_verify_public(greedy_verify, env):
-    from reference_impl.grading.lab05 import check_greedy_verify
+    from grader.checks.lab05_speculative import check_greedy_verify
     check_greedy_verify(greedy_verify, seed=0, cases=9, namespace=env)
 

@@ -7,11 +7,11 @@ points = 12
 
 @test_case(points=2, hidden=False)
 def test_residual_public(residual_distribution, env):
-    from reference_impl.grading.lab05 import check_residual
+    from grader.checks.lab05_speculative import check_residual
     check_residual(residual_distribution, seed=0, cases=4, namespace=env)
 
 @test_case(points=3, hidden=False)
 def test_rejection_step_public(rejection_step, env):
-    from reference_impl.grading.lab05 import check_rejection_step
+    from grader.checks.lab05_speculative import check_rejection_step
     check_rejection_step(rejection_step, seed=0, cases=2, namespace=env)
 

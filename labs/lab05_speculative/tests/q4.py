@@ -7,6 +7,6 @@ points = 4
 
 @test_case(points=2, hidden=False)
 def test_formula_public(expected_tokens_per_step):
-    from reference_impl.grading.lab05 import check_expected_tokens
+    from grader.checks.lab05_speculative import check_expected_tokens
     check_expected_tokens(expected_tokens_per_step)
 

@@ -1,0 +1,31 @@
+"""Timing that can be trusted on a shared laptop: interleaved rounds, medians and spreads.
+
+Every comparison times the contenders in the same process, round by round, so that a change in
+machine load affects all of them alike; results are ratios, never single absolute times.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+
+def measure_interleaved(timers: Mapping[str, Callable[[], float]], rounds: int, warmup: int = 3
+                        ) -> dict[str, list[float]]:
+    """Call each timer (which returns the seconds it measured) ``rounds`` times, interleaved."""
+    for timer in timers.values():
+        for _ in range(warmup):
+            timer()
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer())
+    return times
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return f"cpu ({os.cpu_count()} cores)"

@@ -1,0 +1,90 @@
+"""What every lab's checks share beyond ``course_runtime.testing``: speed graded as a ratio, and
+blocked shortcuts.
+
+The checks (one module per lab, named by the lab's key) are what the hidden tests call; they
+compare a student's objects with ``course_reference`` and with PyTorch, and ship only inside
+autograder zips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+
+def check_ratio(yours: list[float], peer: list[float], *, what: str, peer_name: str,
+                bound: float, unit: str = "step", advice: str = "") -> float:
+    """Grade speed as a ratio: the median of ``yours`` over the median of ``peer`` (seconds,
+    measured interleaved in one process). Prints both times; fails above ``bound``."""
+    ratio = float(np.median(yours) / np.median(peer))
+    print(f"{what}: yours {np.median(yours) * 1e3:.2f} ms, {peer_name} "
+          f"{np.median(peer) * 1e3:.2f} ms, ratio {ratio:.2f}")
+    if ratio > bound:
+        raise AssertionError(
+            f"your {what} takes {ratio:.2f}x the time of {peer_name} (median of {len(yours)} "
+            f"interleaved {unit}s; the bound is {bound:g}x)" + (f": {advice}" if advice else ""))
+    return ratio
+
+
+class ForbiddenCall(Exception):
+    """A student's code called the library it was asked to re-implement."""
+
+
+def _resolve(path: str) -> tuple[Any, str]:
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        return importlib.import_module(module_name), attribute
+    except ModuleNotFoundError:
+        owner_path, _, owner_attr = module_name.rpartition(".")
+        return getattr(importlib.import_module(owner_path), owner_attr), attribute
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def forbid(paths: list[str], reason: str,
+           namespace: dict[str, Any] | None = None) -> Iterator[None]:
+    """Make each dotted ``path`` (a function or method) raise ``ForbiddenCall`` in the block.
+
+    Names in ``namespace`` (a notebook's globals) bound to one of those functions, as after
+    ``from torch.autograd import grad``, are blocked too.
+    """
+    saved: list[tuple[Any, str, Any]] = []
+
+    def blocker(label: str) -> Callable[..., Any]:
+        def blocked(*args: Any, **kwargs: Any) -> Any:
+            raise ForbiddenCall(f"your code called {label}: {reason}")
+        return blocked
+
+    try:
+        for path in paths:
+            owner, attribute = _resolve(path)
+            original = getattr(owner, attribute)
+            saved.append((owner, attribute, vars(owner).get(attribute, _MISSING)))
+            setattr(owner, attribute, blocker(path))
+            for name, value in list((namespace or {}).items()):
+                if value is original:
+                    saved.append((_Namespace(namespace), name, value))
+                    namespace[name] = blocker(path)
+        yield
+    finally:
+        for owner, attribute, original in reversed(saved):
+            if original is _MISSING:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, original)
+
+
+class _Namespace:
+    """Lets ``setattr`` restore a name in a plain dict (a notebook's globals)."""
+
+    def __init__(self, mapping: dict[str, Any]):
+        object.__setattr__(self, "mapping", mapping)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.mapping[name] = value

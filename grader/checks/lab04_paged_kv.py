@@ -1,0 +1,549 @@
+"""Checks for Lab 4 (paged KV cache), called by the lab's public and hidden tests.
+
+Each question is checked on its own: the block-table functions (q2) run on the reference
+allocator, and the generation and serving loops (q4, q5) on the reference ``PagedKVCache``, so
+that a bug in one question costs the points of that question only. The oracles are the
+reference allocator, PyTorch's ``scaled_dot_product_attention`` on dense keys, and greedy
+generation without any cache. Everything runs in float64, where paged and dense attention agree
+to 1e-12, so greedy tokens cannot differ by rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from course_reference.serving.paged import (
+    BlockAllocator,
+    BlockTable,
+    OutOfBlocks,
+    PagedKVCache,
+    blocks_for,
+    paged_attention,
+)
+from course_reference.serving.scheduler import (
+    Request,
+    request_stream,
+    serve_static,
+    static_batch_size,
+)
+from course_runtime.testing import assert_close, require, time_limit
+from course_runtime.timing import measure_interleaved
+from grader.checks import check_ratio, forbid
+
+FORBIDDEN = [
+    "course_reference.serving.paged.paged_attention",
+    "course_reference.serving.paged.PagedKVCache._prepare",
+    "course_reference.serving.scheduler.ContinuousBatcher.run",
+    "torch.nn.functional.scaled_dot_product_attention",
+]
+REASON = ("Lab 4 asks you to write the allocator, the block tables, paged attention and the "
+          "serving loop yourself; the reference and PyTorch's fused attention are what yours is "
+          "compared against")
+
+
+LOOP_FORBIDDEN = [
+    "course_reference.serving.scheduler.ContinuousBatcher.run",
+    "course_reference.serving.scheduler.serve_static",
+    "course_runtime.models.gpt.generate",
+]
+
+
+def guard(namespace: dict[str, Any] | None = None) -> Any:
+    """Block the reference serving code (and torch's fused attention) while student code runs."""
+    return forbid(FORBIDDEN, REASON, namespace)
+
+
+def loop_guard(namespace: dict[str, Any] | None = None) -> Any:
+    """For the loops (q4, q5), which run on the reference cache: block the reference loops."""
+    return forbid(LOOP_FORBIDDEN, REASON, namespace)
+
+
+def _model(name: str = "draft") -> torch.nn.Module:
+    from course_runtime.models import load
+
+    return load(name).double()
+
+
+def greedy_reference(model: torch.nn.Module, prompt: Sequence[int], max_new: int) -> list[int]:
+    """Greedy tokens computed without a cache: the whole sequence again at every step."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+# --------------------------------------------------------------------------------------------
+# q1: the allocator
+# --------------------------------------------------------------------------------------------
+
+def check_allocator(cls: Any, seed: int, steps: int, num_blocks: int = 6,
+                    namespace: dict[str, Any] | None = None) -> None:
+    """Random programs of allocate / share / free on the student's allocator, against a plain
+    list of the references held: free counts, reference counts and errors must agree."""
+    require(BlockAllocator=cls)
+    if isinstance(cls, type) and issubclass(cls, BlockAllocator):
+        raise AssertionError("your BlockAllocator derives from the reference's: write your own")
+    rng = random.Random(seed)
+    with guard(namespace), time_limit(30, "your BlockAllocator"):
+        theirs = cls(num_blocks, 4)
+        held: list[int] = []          # one entry per reference held, in the student's numbering
+        log: list[str] = []
+        for _ in range(steps):
+            op = rng.choice(["allocate", "allocate", "share", "free", "free"])
+            if op == "allocate":
+                log.append("allocate()")
+                if len(set(held)) == num_blocks:
+                    try:
+                        theirs.allocate()
+                    except OutOfBlocks:
+                        continue
+                    raise AssertionError(f"after {'; '.join(log)}: every block is taken, so "
+                                         "allocate() must raise OutOfBlocks")
+                block = theirs.allocate()
+                if not isinstance(block, int) or not 0 <= block < num_blocks:
+                    raise AssertionError(f"allocate() returned {block!r}: expected a block id "
+                                         f"in 0..{num_blocks - 1}")
+                if block in held:
+                    raise AssertionError(f"after {'; '.join(log)}: allocate() returned block "
+                                         f"{block}, which is still in use")
+                held.append(block)
+            elif op == "share" and held:
+                block = rng.choice(held)
+                log.append(f"share({block})")
+                theirs.share(block)
+                held.append(block)
+            elif op == "free" and held:
+                block = held.pop(rng.randrange(len(held)))
+                log.append(f"free({block})")
+                theirs.free(block)
+            else:
+                continue
+            expected_free = num_blocks - len(set(held))
+            if theirs.num_free != expected_free:
+                raise AssertionError(f"after {'; '.join(log)}: num_free is {theirs.num_free}, "
+                                     f"expected {expected_free} (blocks in use: "
+                                     f"{sorted(set(held))})")
+            for block in set(held):
+                if theirs.ref_count(block) != held.count(block):
+                    raise AssertionError(f"after {'; '.join(log)}: ref_count({block}) is "
+                                         f"{theirs.ref_count(block)}, expected "
+                                         f"{held.count(block)}")
+        for block in list(held):
+            theirs.free(block)
+        if theirs.num_free != num_blocks:
+            raise AssertionError(f"after freeing every reference, num_free is {theirs.num_free} "
+                                 f"of {num_blocks}: blocks leaked")
+
+
+# --------------------------------------------------------------------------------------------
+# q2: block tables
+# --------------------------------------------------------------------------------------------
+
+class _Copies:
+    """Records the copy_block calls and mirrors them on a shadow storage."""
+
+    def __init__(self, storage: dict[int, list[Any]]):
+        self.storage, self.calls = storage, []
+
+    def __call__(self, src: int, dst: int) -> None:
+        self.calls.append((src, dst))
+        self.storage[dst] = list(self.storage[src])
+
+
+def check_block_tables(append_slots: Any, fork: Any, release: Any, seed: int, steps: int,
+                       block_size: int = 3, num_blocks: int = 16,
+                       namespace: dict[str, Any] | None = None) -> None:
+    """Random programs of append / fork / release on the reference allocator. A shadow storage
+    (block -> list of slot contents) is written through the slots the student returns, and
+    every sequence must read back its own tokens: a wrong slot, a fork without copy-on-write,
+    or a block freed too early all show as wrong data; at the end no block may be left."""
+    require(append_slots=append_slots, fork=fork, release=release)
+    rng = random.Random(seed)
+    allocator = BlockAllocator(num_blocks, block_size)
+    storage: dict[int, list[Any]] = {b: [None] * block_size for b in range(num_blocks)}
+    copy_block = _Copies(storage)
+    tables: list[tuple[BlockTable, list[Any]]] = []
+    log: list[str] = []
+    counter = 0
+    with guard(namespace), time_limit(30, "your block-table functions"):
+        for _ in range(steps):
+            op = rng.choice(["new", "append", "append", "append", "fork", "release"])
+            if op == "new" or not tables:
+                tables.append((BlockTable(), []))
+                log.append(f"new table {len(tables) - 1}")
+                continue
+            i = rng.randrange(len(tables))
+            table, tokens = tables[i]
+            if op == "append":
+                n = rng.randint(1, 2 * block_size)
+                log.append(f"append_slots(table {i}, {n})")
+                before = (list(table.blocks), table.num_tokens, allocator.num_free)
+                try:
+                    slots = append_slots(table, allocator, n, copy_block)
+                except OutOfBlocks:
+                    if (list(table.blocks), table.num_tokens) != before[:2]:
+                        raise AssertionError(f"after {'; '.join(log[-6:])}: append_slots raised "
+                                             "OutOfBlocks but changed the table") from None
+                    continue
+                slots = [(int(b), int(o)) for b, o in slots]
+                if len(slots) != n:
+                    raise AssertionError(f"append_slots(.., {n}) returned {len(slots)} slots")
+                if table.num_tokens != len(tokens) + n:
+                    raise AssertionError(f"after append_slots(.., {n}) on a table of "
+                                         f"{len(tokens)} tokens, num_tokens is "
+                                         f"{table.num_tokens}, expected {len(tokens) + n}")
+                for position, (block, offset) in enumerate(slots, start=len(tokens)):
+                    expected = (table.blocks[position // block_size], position % block_size)
+                    if (block, offset) != expected:
+                        raise AssertionError(f"after {'; '.join(log[-6:])}: token {position} "
+                                             f"went to (block, offset) {(block, offset)}, but "
+                                             f"the table {table.blocks} puts it at {expected}")
+                    storage[block][offset] = counter
+                    tokens.append(counter)
+                    counter += 1
+            elif op == "fork":
+                log.append(f"fork(table {i})")
+                child = fork(table, allocator)
+                if child is table or child.blocks is table.blocks:
+                    raise AssertionError("fork must return a new BlockTable with its own list of "
+                                         "blocks (sharing the blocks themselves)")
+                tables.append((child, list(tokens)))
+            else:
+                log.append(f"release(table {i})")
+                release(table, allocator)
+                tables.pop(i)
+            refs: dict[int, int] = {}
+            for t, toks in tables:
+                if len(t.blocks) != blocks_for(len(toks), block_size):
+                    raise AssertionError(f"after {'; '.join(log[-6:])}: a table of {len(toks)} "
+                                         f"tokens holds {len(t.blocks)} blocks, expected "
+                                         f"{blocks_for(len(toks), block_size)}")
+                for b in t.blocks:
+                    refs[b] = refs.get(b, 0) + 1
+                read = [storage[t.blocks[p // block_size]][p % block_size]
+                        for p in range(len(toks))]
+                if read != toks:
+                    raise AssertionError(f"after {'; '.join(log[-6:])}: a sequence reads back "
+                                         f"{read} through its table, but holds {toks}: a "
+                                         "shared block written without copy-on-write, or a "
+                                         "wrong slot?")
+            for b in range(num_blocks):
+                if allocator.ref_count(b) != refs.get(b, 0):
+                    raise AssertionError(f"after {'; '.join(log[-6:])}: block {b} has ref count "
+                                         f"{allocator.ref_count(b)} but {refs.get(b, 0)} tables "
+                                         "use it")
+        for table, _ in tables:
+            release(table, allocator)
+    if allocator.num_free != num_blocks:
+        raise AssertionError(f"after releasing every table, {num_blocks - allocator.num_free} "
+                             f"of {num_blocks} blocks are still taken: release leaks")
+
+
+def check_copy_on_write(append_slots: Any, fork: Any, namespace: dict[str, Any] | None = None
+                        ) -> None:
+    """A fork shares every block; the first append to the half-full last block copies it."""
+    require(append_slots=append_slots, fork=fork)
+    allocator = BlockAllocator(8, 4)
+    storage: dict[int, list[Any]] = {b: [None] * 4 for b in range(8)}
+    copies = _Copies(storage)
+    with guard(namespace), time_limit(10, "your block-table functions"):
+        parent = BlockTable()
+        append_slots(parent, allocator, 6, copies)
+        child = fork(parent, allocator)
+        if child.blocks != parent.blocks or child.num_tokens != 6:
+            raise AssertionError(f"fork of a table with blocks {parent.blocks} and 6 tokens gave "
+                                 f"blocks {child.blocks} and {child.num_tokens} tokens")
+        if allocator.num_free != 6 or allocator.ref_count(parent.blocks[1]) != 2:
+            raise AssertionError("fork must share the blocks (one more reference each), not "
+                                 f"allocate new ones: {allocator.num_free} of 8 blocks free")
+        shared = parent.blocks[1]
+        ((block, offset),) = append_slots(child, allocator, 1, copies)
+    if copies.calls != [(shared, child.blocks[1])] or child.blocks[1] == shared:
+        raise AssertionError(f"appending to the child's shared, half-full block {shared} must "
+                             f"copy it to a new block first (copy_block({shared}, new)); "
+                             f"copy_block calls: {copies.calls}, child blocks {child.blocks}")
+    if (block, offset) != (child.blocks[1], 2) or parent.blocks[1] != shared:
+        raise AssertionError(f"the child's token 6 went to {(block, offset)}, expected "
+                             f"({child.blocks[1]}, 2); the parent must keep block {shared}")
+    if allocator.ref_count(shared) != 1:
+        raise AssertionError(f"after the copy, block {shared} is the parent's alone: ref count "
+                             f"{allocator.ref_count(shared)}, expected 1")
+
+
+# --------------------------------------------------------------------------------------------
+# q3: paged decode attention
+# --------------------------------------------------------------------------------------------
+
+def random_paged_case(seed: int, batch: int = 3, heads: int = 2, head_dim: int = 8,
+                      block_size: int = 4, max_len: int = 40, spare: int = 7,
+                      dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """A scattered, NaN-poisoned paged cache of ``batch`` sequences, and their dense keys."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_len + 1, (batch,), generator=g)
+    per_seq = [blocks_for(int(n), block_size) for n in lens]
+    num_blocks = sum(per_seq) + spare
+    k_cache = torch.full((heads, num_blocks, block_size, head_dim), math.nan, dtype=dtype)
+    v_cache = k_cache.clone()
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.full((batch, max(per_seq) + 1), num_blocks - 1, dtype=torch.long)
+    dense_k, dense_v = [], []
+    for b in range(batch):
+        blocks = [order.pop() for _ in range(per_seq[b])]
+        tables[b, :len(blocks)] = torch.tensor(blocks)
+        k = torch.randn(heads, int(lens[b]), head_dim, generator=g, dtype=dtype)
+        v = torch.randn(heads, int(lens[b]), head_dim, generator=g, dtype=dtype)
+        for p in range(int(lens[b])):
+            k_cache[:, blocks[p // block_size], p % block_size] = k[:, p]
+            v_cache[:, blocks[p // block_size], p % block_size] = v[:, p]
+        dense_k.append(k)
+        dense_v.append(v)
+    q = torch.randn(batch, heads, head_dim, generator=g, dtype=dtype)
+    expected = torch.stack([F.scaled_dot_product_attention(q[b][:, None], dense_k[b], dense_v[b]
+                                                           )[:, 0] for b in range(batch)])
+    return {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": tables,
+            "context_lens": lens, "expected": expected}
+
+
+def check_decode_attention(fn: Any, seed: int, cases: int,
+                           namespace: dict[str, Any] | None = None) -> None:
+    """The student's paged decode attention equals dense attention (torch SDPA, float64) on
+    random scattered block tables whose unused slots hold NaN."""
+    require(paged_decode_attention=fn)
+    rng = np.random.default_rng(seed)
+    for case in range(cases):
+        shape = dict(batch=int(rng.integers(1, 5)), heads=int(rng.integers(1, 4)),
+                     head_dim=int(rng.choice([4, 8, 16])), block_size=int(rng.choice([1, 2, 4, 8])),
+                     max_len=int(rng.integers(1, 60)))
+        c = random_paged_case(seed * 1000 + case, **shape)
+        with guard(namespace), time_limit(30, "your paged_decode_attention"):
+            got = fn(c["q"], c["k_cache"], c["v_cache"], c["block_tables"], c["context_lens"])
+        what = (f"paged_decode_attention with {shape} and context lengths "
+                f"{c['context_lens'].tolist()}")
+        assert_close(torch.as_tensor(got).detach().numpy(), c["expected"].numpy(), what=what,
+                     atol=1e-9, rtol=1e-9)
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any operation produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest, self.op = 0, ""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), str(func)
+        return out
+
+
+def check_no_dense_gather(fn: Any, namespace: dict[str, Any] | None = None) -> None:
+    """The structural test: on 64-token contexts in blocks of 4, no tensor the student's code
+    creates may hold more than a quarter of one sequence's keys per row: the keys are read
+    block by block (or a few blocks at a time), never gathered into one dense tensor."""
+    require(paged_decode_attention=fn)
+    g = torch.Generator().manual_seed(3)
+    k_cache = torch.randn(2, 40, 4, 8, generator=g, dtype=torch.float64)
+    v_cache = torch.randn(2, 40, 4, 8, generator=g, dtype=torch.float64)
+    tables = torch.randperm(40, generator=g)[:32].view(2, 16)
+    q = torch.randn(2, 2, 8, generator=g, dtype=torch.float64)
+    full = 2 * 2 * 64 * 8                       # every key of the batch: batch*heads*64*Dh
+    recorder = _LargestTensor()
+    with guard(namespace), time_limit(30, "your paged_decode_attention"), recorder:
+        got = fn(q, k_cache, v_cache, tables, torch.tensor([64, 64]))
+    expected = _reference_decode(q, k_cache, v_cache, tables, torch.tensor([64, 64]))
+    assert_close(None if got is None else torch.as_tensor(got).detach().numpy(),
+                 expected.numpy(), what="paged_decode_attention in the structural test",
+                 atol=1e-9, rtol=1e-9)
+    if recorder.largest > full // 4:
+        raise AssertionError(f"your paged_decode_attention made a tensor of {recorder.largest} "
+                             f"elements ({recorder.op}); all the keys of the batch are {full}: "
+                             "read the cache one block at a time with an online softmax, not "
+                             "by gathering every block into one dense tensor first")
+
+
+# --------------------------------------------------------------------------------------------
+# q4, q5: generation and serving loops
+# --------------------------------------------------------------------------------------------
+
+def prompts_for(seed: int, count: int, vocab_size: int, longest: int = 24) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(1, vocab_size, int(rng.integers(1, longest + 1)))]
+            for _ in range(count)]
+
+
+def check_generate(generate_paged: Any, seed: int, count: int, max_new: int,
+                   make_cache: Callable[..., Any] | None = None, num_blocks: int = 64,
+                   block_size: int = 4, namespace: dict[str, Any] | None = None) -> None:
+    """Greedy tokens through the paged cache equal greedy tokens without a cache, and every
+    block is free afterwards. ``make_cache(model, num_blocks, block_size)`` builds the cache
+    (default: the reference PagedKVCache)."""
+    require(generate_paged=generate_paged)
+    model = _model()
+    prompts = prompts_for(seed, count, model.config.vocab_size)
+    make_cache = make_cache or (lambda m, n, b: PagedKVCache.for_model(m, n, b))
+    cache = make_cache(model, num_blocks, block_size)
+    with loop_guard(namespace), time_limit(60, "your generate_paged"):
+        got = generate_paged(model, prompts, max_new, cache)
+    for i, prompt in enumerate(prompts):
+        expected = greedy_reference(model, prompt, max_new)
+        if list(map(int, got[i])) != expected:
+            raise AssertionError(f"prompt {i} ({len(prompt)} tokens): generated {list(got[i])}, "
+                                 f"greedy decoding without a cache gives {expected}")
+    if cache.allocator.num_free != num_blocks:
+        raise AssertionError(f"after generate_paged, {num_blocks - cache.allocator.num_free} of "
+                             f"{num_blocks} blocks are still taken: free every sequence when "
+                             "it is done")
+
+
+def _serve(serve: Any, model: torch.nn.Module, requests: list[Request], num_blocks: int,
+           block_size: int, max_batch: int, namespace: dict[str, Any] | None
+           ) -> tuple[dict[int, list[int]], int, PagedKVCache]:
+    cache = PagedKVCache.for_model(model, num_blocks, block_size)
+    with loop_guard(namespace), time_limit(120, "your serve"):
+        try:
+            outputs, steps = serve(model, requests, cache, max_batch)
+        except OutOfBlocks as error:
+            raise AssertionError(f"serve ran out of blocks ({error}): admit a request only "
+                                 "when the free blocks cover everything it will need") from None
+    return outputs, steps, cache
+
+
+def check_serve(serve: Any, seed: int, count: int, num_blocks: int, max_batch: int = 8,
+                block_size: int = 4, namespace: dict[str, Any] | None = None) -> None:
+    """The student's continuous-batching loop returns every request's greedy tokens, never
+    runs out of blocks, frees every block, and takes no more model calls than one prefill per
+    request plus one decode step per step of the reference's schedule (with a margin)."""
+    require(serve=serve)
+    model = _model()
+    requests = request_stream(count, model.config.vocab_size, seed=seed, prompt_len=(1, 20),
+                              output_len=(1, 24))
+    outputs, steps, cache = _serve(serve, model, requests, num_blocks, block_size, max_batch,
+                                   namespace)
+    for r in requests:
+        expected = greedy_reference(model, r.prompt, r.max_new_tokens)
+        if list(map(int, outputs.get(r.id, []))) != expected:
+            raise AssertionError(f"request {r.id} ({len(r.prompt)}-token prompt, "
+                                 f"{r.max_new_tokens} new): got {outputs.get(r.id)}, "
+                                 f"expected {expected}")
+    if cache.allocator.num_free != num_blocks or cache.tables:
+        raise AssertionError(f"after serve, {num_blocks - cache.allocator.num_free} blocks and "
+                             f"{len(cache.tables)} sequences are left: free each request's "
+                             "sequence when it finishes")
+    bound = _step_bound(model, requests, num_blocks, block_size, max_batch)
+    if steps > bound:
+        raise AssertionError(f"serve took {steps} model calls; continuous batching needs at "
+                             f"most {bound} here: admit waiting requests as soon as blocks are "
+                             "free, not when the whole batch is done")
+
+
+def _step_bound(model: torch.nn.Module, requests: list[Request], num_blocks: int,
+                block_size: int, max_batch: int) -> int:
+    """Model calls of the reservation policy (admit when the blocks for a request's whole
+    length are free; one prefill call per request; one decode call per step), simulated
+    without running the model, plus 25 %."""
+    reserved, running, waiting, steps = 0, [], list(requests), 0
+    while waiting or running:
+        while waiting and len(running) < max_batch and reserved + blocks_for(
+                waiting[0].max_len, block_size) <= num_blocks:
+            r = waiting.pop(0)
+            reserved += blocks_for(r.max_len, block_size)
+            running.append([r, 1])
+            steps += 1
+        done = [x for x in running if x[1] >= x[0].max_new_tokens]
+        for x in done:
+            running.remove(x)
+            reserved -= blocks_for(x[0].max_len, block_size)
+        if running:
+            steps += 1
+            for x in running:
+                x[1] += 1
+    return int(steps * 1.25) + 1
+
+
+# --------------------------------------------------------------------------------------------
+# q6: performance
+# --------------------------------------------------------------------------------------------
+
+def check_steps_vs_static(serve: Any, seed: int, count: int, bound: float = 2.0,
+                          rows: int = 6, namespace: dict[str, Any] | None = None) -> float:
+    """At the same KV memory (``rows`` times the longest request), static padded batching (the
+    reference) takes at least ``bound`` times as many model calls as the student's continuous
+    batching: a count, not a time."""
+    require(serve=serve)
+    model = _model()
+    requests = request_stream(count, model.config.vocab_size, seed=seed, prompt_len=(2, 16),
+                              output_len=(2, 96))
+    max_len = max(r.max_len for r in requests)
+    block_size = 4
+    kv_slots = rows * blocks_for(max_len, block_size) * block_size
+    outputs, steps, _ = _serve(serve, model, requests, kv_slots // block_size, block_size,
+                               64, namespace)
+    static = serve_static(model, requests, batch_size=static_batch_size(kv_slots, max_len),
+                          max_len=max_len)
+    if outputs != static.outputs:
+        raise AssertionError("your serve and static batching generated different tokens")
+    ratio = static.steps / steps
+    print(f"{len(requests)} requests in {kv_slots} KV slots: static batching {static.steps} "
+          f"model calls, yours {steps}: {ratio:.2f}x fewer")
+    if ratio < bound:
+        raise AssertionError(f"static batching took {static.steps} model calls and yours "
+                             f"{steps}: only {ratio:.2f}x fewer, expected at least {bound:g}x")
+    return ratio
+
+
+def check_speed(fn: Any, bound: float, rounds: int = 15, seed: int = 5,
+                namespace: dict[str, Any] | None = None) -> float:
+    """Median time of the student's paged decode attention over the reference's, interleaved,
+    on a decode step of 16 sequences of up to 256 tokens in blocks of 16 (float32)."""
+    require(paged_decode_attention=fn)
+    c = random_paged_case(seed, batch=16, heads=6, head_dim=32, block_size=16, max_len=256,
+                          dtype=torch.float32)
+    c["k_cache"] = torch.nan_to_num(c["k_cache"])
+    c["v_cache"] = torch.nan_to_num(c["v_cache"])
+    args = (c["q"], c["k_cache"], c["v_cache"], c["block_tables"], c["context_lens"])
+
+    def timer(call: Callable[[], Any]) -> Callable[[], float]:
+        def once() -> float:
+            start = time.perf_counter()
+            call()
+            return time.perf_counter() - start
+        return once
+
+    with guard(namespace), time_limit(120, "timing your paged_decode_attention"):
+        got = fn(*args)
+        expected = _reference_decode(*args)
+        assert_close(None if got is None else torch.as_tensor(got).detach().numpy(),
+                     expected.numpy(), what="paged_decode_attention on the timed workload",
+                     atol=1e-4, rtol=1e-4)
+        yours = timer(lambda: fn(*args))
+        times = measure_interleaved({"yours": yours, "reference": timer(
+            lambda: _reference_decode(*args))}, rounds)
+    return check_ratio(times["yours"], times["reference"], what="paged_decode_attention",
+                       peer_name="the reference", bound=bound, unit="call")
+
+
+_PAGED_ATTENTION = paged_attention
+
+
+def _reference_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """The reference, one block per step, for a single query per sequence (captured before any
+    ``guard`` replaces the public name)."""
+    return _PAGED_ATTENTION(q[:, :, None], k_cache, v_cache, block_tables, context_lens)[:, :, 0]
+
+
+__all__ = ["check_allocator", "check_block_tables", "check_copy_on_write",
+           "check_decode_attention", "check_generate", "check_no_dense_gather", "check_serve",
+           "check_speed", "check_steps_vs_static", "greedy_reference", "random_paged_case"]

@@ -1,0 +1,415 @@
+"""Checks for Lab 5 (speculative decoding), called by the lab's public and hidden tests.
+
+The oracles are target-only decoding (greedy speculative output must equal it token for token),
+the target's exact next-token probabilities (the sampled output must follow them), and a KV cache
+filled from scratch with the accepted tokens (what the rolled-back caches must hold). Each check
+runs the student's function on seeded inputs; the rejection-sampling rule is checked exactly, by
+feeding it the uniforms u and v that decide its random choices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from course_reference.serving import speculative as ref
+from course_runtime.models import GPT, DenseKVCache, GPTConfig, generate, load, load_tokenizer
+from course_runtime.testing import assert_close, require, time_limit
+from course_runtime.timing import measure_interleaved
+from grader.checks import forbid
+
+FORBIDDEN = [
+    "course_reference.serving.speculative.speculative_generate",
+    "course_reference.serving.speculative.accept_or_resample",
+    "course_reference.serving.speculative.residual_distribution",
+    "course_reference.serving.speculative._verify",
+]
+REASON = ("Lab 5 asks you to write speculative decoding yourself; course_reference.serving is what "
+          "your code is compared against, not part of it")
+
+PROMPTS = ["Call me Ishmael. ", "\"Aye, aye, sir!\" cried Stubb, ", "The whale", "Queequeg was"]
+
+_models: dict[str, GPT] = {}
+
+
+def guard(namespace: dict[str, Any] | None = None) -> Any:
+    """Block the reference speculative decoder while student code runs."""
+    return forbid(FORBIDDEN, REASON, namespace)
+
+
+def shipped_pair() -> tuple[GPT, GPT]:
+    """The shipped target and draft, loaded once per grading process."""
+    for name in ("target", "draft"):
+        if name not in _models:
+            _models[name] = load(name)
+    return _models["target"], _models["draft"]
+
+
+def toy_gpt(seed: int, n_layers: int, vocab: int = 4) -> GPT:
+    """A small random GPT with peaked distributions, cheap enough to sample thousands of times."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab, d_model=16, n_layers=n_layers, n_heads=2,
+                          context=64)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(25)
+    return model
+
+
+def _tv(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    return 0.5 * float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).sum())
+
+
+def _as_ids(tokens: Any, what: str) -> list[int]:
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.flatten().tolist()
+    if not isinstance(tokens, (list, tuple)):
+        raise AssertionError(f"{what} should return a list of token ids, got "
+                             f"{type(tokens).__name__}")
+    return [int(t) for t in tokens]
+
+
+# --------------------------------------------------------------------------------------------
+# q1: greedy verification
+# --------------------------------------------------------------------------------------------
+
+def check_greedy_verify(greedy_verify: Callable[..., Any], seed: int, cases: int,
+                        namespace: dict[str, Any] | None = None) -> None:
+    """Random target logits with draft proposals that agree with the argmax for a random prefix:
+    the emitted tokens must be that prefix plus the target's correction (or bonus) token."""
+    require(greedy_verify=greedy_verify)
+    g = torch.Generator().manual_seed(seed)
+    for case in range(cases):
+        gamma = 1 + case % 6
+        vocab = int(torch.randint(3, 40, (), generator=g))
+        logits = torch.randn(gamma + 1, vocab, generator=g) * 3
+        best = logits.argmax(-1)
+        agree = [gamma, 0, gamma - 1][case % 3] if case < 9 else int(
+            torch.randint(0, gamma + 1, (), generator=g))
+        proposals = best[:gamma].tolist()
+        if agree < gamma:
+            proposals[agree] = (proposals[agree] + 1 + int(
+                torch.randint(0, vocab - 1, (), generator=g))) % vocab
+            tail = torch.randint(0, vocab, (gamma - agree - 1,), generator=g).tolist()
+            proposals[agree + 1:] = tail
+        expected = ref._verify(logits, proposals, [], True, 1.0, torch.Generator())
+        with guard(namespace), time_limit(10, "greedy_verify"):
+            got = _as_ids(greedy_verify(logits.clone(), list(proposals)), "greedy_verify")
+        if got != expected:
+            raise AssertionError(
+                f"greedy_verify with gamma={gamma}, proposals {proposals}, target argmax per "
+                f"row {best.tolist()}: expected {expected} (the {agree} agreeing proposals, then "
+                f"the target's token at the next position), got {got}")
+
+
+# --------------------------------------------------------------------------------------------
+# q2: the rejection-sampling rule
+# --------------------------------------------------------------------------------------------
+
+def _distributions(seed: int, cases: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    pairs = [
+        (torch.tensor([0.5, 0.5, 0.0, 0.0]), torch.tensor([0.0, 0.1, 0.4, 0.5])),
+        (torch.tensor([0.1, 0.6, 0.3]), torch.tensor([0.5, 0.2, 0.3])),
+    ]
+    for _ in range(cases):
+        size = int(torch.randint(2, 12, (), generator=g))
+        p, q = torch.rand(size, generator=g) ** 3, torch.rand(size, generator=g) ** 3
+        pairs.append((p / p.sum(), q / q.sum()))
+    return pairs
+
+
+def check_residual(residual_distribution: Callable[..., Any], seed: int, cases: int,
+                   namespace: dict[str, Any] | None = None) -> None:
+    require(residual_distribution=residual_distribution)
+    for p, q in _distributions(seed, cases):
+        with guard(namespace), time_limit(10, "residual_distribution"):
+            got = residual_distribution(p.clone(), q.clone())
+        assert_close(torch.as_tensor(got).numpy(), ref.residual_distribution(p, q).numpy(),
+                     what=f"residual_distribution(p={p.numpy().round(3)}, "
+                          f"q={q.numpy().round(3)}) (the normalised max(0, p - q))", atol=1e-6)
+
+
+def rule_distribution(rejection_step: Callable[..., Any], p: torch.Tensor, q: torch.Tensor,
+                      grid: int = 400, namespace: dict[str, Any] | None = None) -> np.ndarray:
+    """The output distribution of ``rejection_step`` when the draft token is drawn from q.
+
+    For each draft token x, the acceptance probability is read off by bisection on u (the rule
+    accepts exactly when u is below a threshold), and the redraw distribution from ``grid``
+    evenly spaced values of v, so a wrong rule shows up as a wrong distribution, not a flaky one.
+    """
+    out = np.zeros(len(p))
+    vs = (np.arange(grid) + 0.5) / grid
+    for x in range(len(p)):
+        if q[x] == 0:
+            continue
+
+        def step(u: float, v: float) -> tuple[int, bool]:
+            with guard(namespace), time_limit(10, "rejection_step"):
+                token, accepted = rejection_step(p.clone(), q.clone(), x, float(u), float(v))
+            return int(token), bool(accepted)
+
+        low, high = 0.0, 1.0  # accepted below `low`, rejected at or above `high`
+        if step(1 - 1e-9, 0.5)[1]:
+            low = high = 1.0
+        elif not step(0.0, 0.5)[1]:
+            high = 0.0
+        else:
+            for _ in range(30):
+                mid = (low + high) / 2
+                low, high = (mid, high) if step(mid, 0.5)[1] else (low, mid)
+        accept = (low + high) / 2
+        token, accepted = step(accept / 2, 0.5) if accept > 0 else (x, True)
+        if accept > 0 and (not accepted or token != x):
+            raise AssertionError(f"rejection_step accepted draft token {x} but returned token "
+                                 f"{token}: an accepted draft token is emitted as it is")
+        out[x] += float(q[x]) * accept
+        if accept < 1:
+            u_reject = (accept + 1) / 2
+            redraws = np.zeros(len(p))
+            for v in vs:
+                token, accepted = step(u_reject, v)
+                if accepted:
+                    raise AssertionError(f"rejection_step accepted token {x} at u={u_reject:.4f} "
+                                         f"but rejected it at a smaller u: acceptance should "
+                                         "be u < p(x) / q(x)")
+                redraws[token] += 1 / grid
+            out += float(q[x]) * (1 - accept) * redraws
+    return out
+
+
+def check_rejection_step(rejection_step: Callable[..., Any], seed: int, cases: int,
+                         namespace: dict[str, Any] | None = None) -> None:
+    """The rule's output distribution, computed from the student's function, must be p, and its
+    acceptance threshold for each draft token must be min(1, p(x)/q(x))."""
+    require(rejection_step=rejection_step)
+    for p, q in _distributions(seed, cases):
+        got = rule_distribution(rejection_step, p, q, namespace=namespace)
+        # The redraw grid resolves probabilities to 1/400 per token.
+        tolerance = 1e-3 + 1.0 / 400
+        if _tv(got, p) > len(p) * tolerance / 2:
+            raise AssertionError(
+                f"with p={p.numpy().round(3)} and q={q.numpy().round(3)}, the tokens your "
+                f"rejection_step emits (draft token drawn from q) are distributed as "
+                f"{got.round(3)}, not as p: accept x with probability min(1, p(x)/q(x)) and "
+                f"redraw from the normalised max(0, p - q)")
+
+
+# --------------------------------------------------------------------------------------------
+# q3: the decoding loop
+# --------------------------------------------------------------------------------------------
+
+def _run(speculative_generate: Callable[..., Any], *args: Any, namespace: dict[str, Any] | None,
+         seconds: float = 30, guarded: bool = True, **kwargs: Any) -> tuple[list[int], Any]:
+    with (guard(namespace) if guarded else contextlib.nullcontext()), \
+            time_limit(seconds, "speculative_generate"):
+        result = speculative_generate(*args, **kwargs)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise AssertionError("speculative_generate should return (tokens, stats)")
+    return _as_ids(result[0], "speculative_generate"), result[1]
+
+
+def check_greedy_equals_target(speculative_generate: Callable[..., Any], gammas: Sequence[int],
+                               prompts: Sequence[str], new_tokens: int,
+                               namespace: dict[str, Any] | None = None) -> None:
+    """Greedy speculative output must be the target's greedy output, token for token."""
+    require(speculative_generate=speculative_generate)
+    target, draft = shipped_pair()
+    tokenizer = load_tokenizer()
+    for text, gamma in itertools.product(prompts, gammas):
+        prompt = tokenizer.encode(text)
+        expected = generate(target, prompt, new_tokens)[0].tolist()
+        got, stats = _run(speculative_generate, target, draft, prompt, new_tokens, gamma=gamma,
+                          namespace=namespace)
+        if got != expected:
+            first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
+                         min(len(got), len(expected)))
+            raise AssertionError(
+                f"prompt {text!r}, gamma={gamma}: greedy speculative decoding must reproduce "
+                f"the target's greedy output; they differ from new token {first} on "
+                f"(expected {tokenizer.decode(expected)!r}, got {tokenizer.decode(got)!r}, "
+                f"{len(got)} tokens for {len(expected)})")
+        _check_stats(stats, new_tokens, gamma)
+
+
+def _check_stats(stats: Any, new_tokens: int, gamma: int) -> None:
+    for name in ("generated", "steps", "target_forwards", "proposed", "accepted"):
+        if not hasattr(stats, name):
+            raise AssertionError(f"the stats returned by speculative_generate have no `{name}`")
+    if stats.generated != new_tokens:
+        raise AssertionError(f"stats.generated is {stats.generated}, expected {new_tokens}")
+    if stats.target_forwards not in (stats.steps, stats.steps + 1):
+        raise AssertionError(f"{stats.steps} steps took {stats.target_forwards} target forward "
+                             "passes: a step verifies all its proposals in one forward pass")
+    if not 0 <= stats.accepted <= stats.proposed <= gamma * stats.steps:
+        raise AssertionError(f"stats: {stats.accepted} accepted of {stats.proposed} proposed in "
+                             f"{stats.steps} steps of gamma={gamma} is impossible")
+    if stats.generated != stats.accepted + stats.steps:
+        raise AssertionError(f"each step emits its accepted proposals plus one target token, so "
+                             f"{stats.steps} steps with {stats.accepted} accepted proposals make "
+                             f"{stats.steps + stats.accepted} tokens, not {stats.generated}")
+
+
+def check_rollback(speculative_generate: Callable[..., Any], seed: int,
+                   namespace: dict[str, Any] | None = None) -> None:
+    """After sampling with rejections, both caches must hold exactly what a fresh cache fed the
+    accepted tokens holds (every token but the last, for the target)."""
+    require(speculative_generate=speculative_generate)
+    target, draft = toy_gpt(seed, 2, vocab=6), toy_gpt(seed + 1, 1, vocab=6)
+    prompt = [0, 5, 2]
+    caches = [DenseKVCache.for_model(m, capacity=48) for m in (target, draft)]
+    got, stats = _run(speculative_generate, target, draft, prompt, 30, gamma=3, greedy=False,
+                      seed=seed, target_cache=caches[0], draft_cache=caches[1],
+                      namespace=namespace)
+    if stats.accepted >= stats.proposed:
+        raise AssertionError("expected at least one rejected draft token in this check")
+    sequence = torch.tensor([prompt + got])
+    if caches[0].length != sequence.shape[1] - 1:
+        raise AssertionError(f"after generating, the target's cache holds {caches[0].length} "
+                             f"tokens; it should hold the {sequence.shape[1] - 1} tokens before "
+                             "the last one emitted (rejected tokens rolled back with truncate)")
+    if caches[1].length > sequence.shape[1]:
+        raise AssertionError(f"the draft's cache holds {caches[1].length} tokens, more than the "
+                             f"{sequence.shape[1]} of the sequence: rejected tokens were kept")
+    for name, model, cache in (("target", target, caches[0]), ("draft", draft, caches[1])):
+        fresh = DenseKVCache.for_model(model, capacity=48)
+        with torch.no_grad():
+            model(sequence[:, :cache.length], fresh)
+        for layer in range(model.config.n_layers):
+            assert_close(cache.keys[layer][:, :, :cache.length].numpy(),
+                         fresh.keys[layer][:, :, :cache.length].numpy(),
+                         what=f"{name} cache keys of layer {layer} after rollback", atol=1e-4)
+
+
+def check_sampling_distribution(speculative_generate: Callable[..., Any], runs: int,
+                                namespace: dict[str, Any] | None = None) -> None:
+    """Sampled speculative decoding of two tokens, ``runs`` seeded runs: the joint frequency must
+    be close to the target's exact probabilities and far from the draft's."""
+    require(speculative_generate=speculative_generate)
+    vocab, prompt = 4, [1, 3]
+    target, draft = toy_gpt(1, 2, vocab), toy_gpt(2, 1, vocab)
+
+    def exact(model: GPT) -> np.ndarray:
+        seqs = torch.tensor(list(itertools.product(range(vocab), repeat=2)))
+        batch = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], dim=1)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(batch[:, :-1]), -1)[:, len(prompt) - 1:]
+        return logp.gather(-1, seqs.unsqueeze(-1)).squeeze(-1).sum(-1).exp().numpy()
+
+    p_target, p_draft = exact(target), exact(draft)
+    counts = np.zeros(vocab * vocab)
+    start = time.perf_counter()
+    for seed in range(runs):
+        got, _ = _run(speculative_generate, target, draft, prompt, 2, gamma=2, greedy=False,
+                      seed=seed, namespace=namespace, seconds=10)
+        if len(got) != 2:
+            raise AssertionError(f"asked for 2 new tokens, got {len(got)}")
+        counts[got[0] * vocab + got[1]] += 1
+        if time.perf_counter() - start > 120:
+            raise AssertionError(f"{runs} two-token generations took over 120 s")
+    freq = counts / runs
+    # With 1,000 runs the distance of a correct sampler to p is about 0.04 (seeded: fixed).
+    if _tv(freq, p_target) > 0.08 or _tv(freq, p_draft) < _tv(p_target, p_draft) - 0.08:
+        raise AssertionError(
+            f"over {runs} seeded runs, the first two sampled tokens are at total-variation "
+            f"distance {_tv(freq, p_target):.3f} from the target's distribution and "
+            f"{_tv(freq, p_draft):.3f} from the draft's (the two models are "
+            f"{_tv(p_target, p_draft):.3f} apart): the output must follow the target")
+
+
+# --------------------------------------------------------------------------------------------
+# q4, q5: theory and speed
+# --------------------------------------------------------------------------------------------
+
+def check_expected_tokens(expected_tokens_per_step: Callable[..., Any]) -> None:
+    require(expected_tokens_per_step=expected_tokens_per_step)
+    cases = list(itertools.product([0.0, 0.25, 0.6, 0.9, 0.999], [1, 2, 4, 7])) + [(1.0, 4)]
+    for alpha, gamma in cases:
+        with time_limit(5, "expected_tokens_per_step"):
+            got = float(expected_tokens_per_step(alpha, gamma))
+        expected = ref.expected_tokens_per_step(alpha, gamma)
+        assert_close(got, np.float64(expected), what=f"expected_tokens_per_step({alpha}, {gamma})",
+                     atol=1e-6, rtol=1e-6)
+
+
+def bench_prompts(num: int = 2, chars: int = 48) -> list[list[int]]:
+    from course_reference.bench.speculative import prompts
+
+    return prompts(num, chars)
+
+
+def forwards_per_token(speculative_generate: Callable[..., Any], gamma: int = 4,
+                       new_tokens: int = 96, namespace: dict[str, Any] | None = None,
+                       guarded: bool = True) -> float:
+    """Target forward passes per generated token over the benchmark prompts."""
+    target, draft = shipped_pair()
+    generated = forwards = 0
+    for prompt in bench_prompts():
+        _, stats = _run(speculative_generate, target, draft, prompt, new_tokens, gamma=gamma,
+                        namespace=namespace, guarded=guarded)
+        generated += stats.generated
+        forwards += stats.target_forwards
+    return forwards / generated
+
+
+def check_forwards_per_token(speculative_generate: Callable[..., Any], bound: float,
+                             namespace: dict[str, Any] | None = None) -> None:
+    """Hardware-independent: target forward passes per generated token at gamma = 4."""
+    require(speculative_generate=speculative_generate)
+    got = forwards_per_token(speculative_generate, namespace=namespace)
+    want = forwards_per_token(ref.speculative_generate, guarded=False)
+    print(f"target forwards per token: yours {got:.3f}, reference {want:.3f}, target-only 1.0")
+    if got > bound:
+        raise AssertionError(f"your decoder ran {got:.3f} target forward passes per token at "
+                             f"gamma=4 (reference: {want:.3f}); it should be at most {bound}: "
+                             "verify all proposals in one pass, and keep the bonus token")
+
+
+def speed_table(speculative_generate: Callable[..., Any], gamma: int = 4, rounds: int = 3,
+                new_tokens: int = 96, namespace: dict[str, Any] | None = None
+                ) -> dict[str, float]:
+    """Median seconds to decode the prompts: target-only, the reference, and yours, interleaved."""
+    target, draft = shipped_pair()
+    prompts = bench_prompts()
+
+    def timer(fn: Callable[[list[int]], Any]) -> Callable[[], float]:
+        def once() -> float:
+            start = time.perf_counter()
+            for prompt in prompts:
+                fn(prompt)
+            return time.perf_counter() - start
+        return once
+
+    def yours(prompt: list[int]) -> Any:
+        return _run(speculative_generate, target, draft, prompt, new_tokens, gamma=gamma,
+                    namespace=namespace)
+
+    times = measure_interleaved({
+        "target-only": timer(lambda p: generate(target, p, new_tokens)),
+        "reference": timer(lambda p: ref.speculative_generate(target, draft, p, new_tokens,
+                                                              gamma=gamma)),
+        "yours": timer(yours),
+    }, rounds, warmup=1)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def check_speedup(speculative_generate: Callable[..., Any], min_speedup: float,
+                  max_vs_reference: float, namespace: dict[str, Any] | None = None) -> None:
+    """Speed-up over target-only decoding, and time against the reference, in one process."""
+    require(speculative_generate=speculative_generate)
+    t = speed_table(speculative_generate, namespace=namespace)
+    speedup, vs_ref = t["target-only"] / t["yours"], t["yours"] / t["reference"]
+    print(f"target-only {t['target-only']:.3f} s, reference {t['reference']:.3f} s, yours "
+          f"{t['yours']:.3f} s: speed-up {speedup:.2f}x, {vs_ref:.2f}x the reference's time")
+    if speedup < min_speedup or vs_ref > max_vs_reference:
+        raise AssertionError(
+            f"your speculative decoder is {speedup:.2f}x faster than target-only decoding "
+            f"(want >= {min_speedup}) and takes {vs_ref:.2f}x the reference's time (want <= "
+            f"{max_vs_reference}); look for per-token work outside the model calls")

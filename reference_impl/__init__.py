@@ -1,1 +1,0 @@
-"""AI Systems, hands-on: the reference implementation of every lab and the shared runtime."""
