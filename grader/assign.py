@@ -8,12 +8,16 @@ whose solution does not score 100 %. It writes labs/ (committed) only when asked
 
 from __future__ import annotations
 
+import importlib
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
+
+from course_runtime.testing import EXPECTED_FILE
 
 from .labs import DIST, REPO, Lab
 
@@ -30,13 +34,13 @@ def normalize_notebook(path: Path) -> None:
     nbformat.write(nb, path)
 
 
-def run_otter_assign(lab: Lab, out: Path, run_tests: bool = False) -> None:
+def run_otter_assign(lab: Lab, master: Path, out: Path, run_tests: bool = False) -> None:
     """otter assign MASTER OUT. Its own test run only prints; ``assign`` grades the solution
     with the batch grader instead, which fails loudly."""
     flags = ["--no-pdfs"] + ([] if run_tests else ["--no-run-tests"])
     result = subprocess.run(
-        [sys.executable, "-m", "otter", "assign", *flags, str(lab.master), str(out)],
-        capture_output=True, text=True, cwd=lab.master.parent)
+        [sys.executable, "-m", "otter", "assign", *flags, str(master), str(out)],
+        capture_output=True, text=True, cwd=master.parent)
     if result.returncode != 0:
         raise RuntimeError(f"otter assign failed for {lab.name}:\n{result.stdout}\n{result.stderr}")
     for name in ("student", "autograder"):
@@ -44,11 +48,36 @@ def run_otter_assign(lab: Lab, out: Path, run_tests: bool = False) -> None:
             normalize_notebook(notebook)
 
 
+def public_expectations(lab: Lab) -> dict | None:
+    """What the reference computes for the lab's public test cases, if its checks say
+    (``public_expectations()`` in grader/checks/<lab>.py): the public tests compare with these
+    values, shipped as data, because students do not receive the reference."""
+    module = importlib.import_module(f"grader.checks.{lab.name}")
+    make = getattr(module, "public_expectations", None)
+    return make() if make is not None else None
+
+
 def build(lab: Lab, out: Path) -> None:
-    """Assign ``lab`` into the folder ``out`` (student/ and autograder/ inside)."""
+    """Assign ``lab`` into the folder ``out`` (student/ and autograder/ inside).
+
+    otter assign runs on a copy of the master's folder, into which the public tests' expected
+    values are written first (``expected.json``, listed in the master's ``files:``), so that
+    nothing generated is ever written into solutions/.
+    """
     if out.exists():
         shutil.rmtree(out)
-    run_otter_assign(lab, out)
+    source = out.parent / f"{out.name}-source"
+    if source.exists():
+        shutil.rmtree(source)
+    shutil.copytree(lab.master.parent, source,
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+    try:
+        data = public_expectations(lab)
+        if data is not None:
+            (source / EXPECTED_FILE).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        run_otter_assign(lab, source / lab.master.name, out)
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
 
 
 def assign(lab: Lab, check: bool = True, update_labs: bool = False, force: bool = False) -> None:
