@@ -6,8 +6,9 @@ machine load affects all of them alike; results are ratios, never single absolut
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 
 def measure_interleaved(timers: Mapping[str, Callable[[], float]], rounds: int, warmup: int = 3
@@ -29,3 +30,20 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"
     return f"cpu ({os.cpu_count()} cores)"
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int = 1) -> Iterator[int]:
+    """Run the block with ``threads`` BLAS/OpenMP threads (threadpoolctl) and torch threads, and
+    restore both after: every comparison of the course times its contenders this way, so that a
+    ratio does not depend on the machine's default thread count or on its load."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield threads
+    finally:
+        torch.set_num_threads(previous)

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from course_reference import autograd as ref
-from course_reference.bench.autograd import train_step_timer
 from course_runtime.testing import assert_close, describe, float_tolerance, require, time_limit
-from course_runtime.timing import measure_interleaved
+from course_runtime.timing import measure_interleaved, pinned_threads
+from course_runtime.training import step_matches_torch, train_step_timer
 from grader.checks import check_ratio, forbid
 
 FORBIDDEN = [
@@ -607,9 +607,14 @@ def check_speed(Tensor: Any, MLP: Any, SGD: Any, cross_entropy: Any, bound: floa
                 rounds: int = 15, namespace: dict[str, Any] | None = None) -> float:
     """Median step time of the student's engine over the reference's, measured in one process.
 
-    Returns the ratio; fails when it exceeds ``bound``.
+    Returns the ratio; fails when it exceeds ``bound``, or when one step of the student's engine
+    does not compute PyTorch's loss and update. Both engines run on one thread, on every grading
+    path alike.
     """
     require(Tensor=Tensor, MLP=MLP, SGD=SGD, cross_entropy=cross_entropy)
+    with time_limit(60, "one training step against PyTorch's"):  # only a correct step is timed
+        step_matches_torch(Tensor, MLP, SGD, cross_entropy,
+                           around_engine=lambda: engine_guard(namespace))
     reference = train_step_timer(ref.Tensor, ref.MLP, ref.SGD, ref.cross_entropy)
     with engine_guard(namespace), time_limit(60, "building your benchmark MLP and one step"):
         student = train_step_timer(Tensor, MLP, SGD, cross_entropy)
@@ -619,7 +624,8 @@ def check_speed(Tensor: Any, MLP: Any, SGD: Any, cross_entropy: Any, bound: floa
         with engine_guard(namespace):
             return student()
 
-    with time_limit(240, "timing your training step (784-512-512-10 MLP, batch 256)"):
+    with time_limit(240, "timing your training step (784-512-512-10 MLP, batch 256)"), \
+            pinned_threads(1):
         times = measure_interleaved({"yours": guarded_student, "reference": reference}, rounds)
     return check_ratio(times["yours"], times["reference"], what="training step",
                        peer_name="the reference", bound=bound,
