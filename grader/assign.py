@@ -19,6 +19,7 @@ import nbformat
 
 from course_runtime.testing import EXPECTED_FILE
 
+from .autograder_zip import make_self_contained
 from .labs import DIST, REPO, Lab
 
 
@@ -76,6 +77,8 @@ def build(lab: Lab, out: Path) -> None:
         if data is not None:
             (source / EXPECTED_FILE).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         run_otter_assign(lab, source / lab.master.name, out)
+        for zip_path in (out / "autograder").glob("*-autograder_*.zip"):
+            make_self_contained(zip_path)
     finally:
         shutil.rmtree(source, ignore_errors=True)
 

@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="where to save the scores after each question")
     args = parser.parse_args(argv)
 
-    limit_cell_time(args.cell_timeout)
-    grade_questions_in_place(args.partial_results)
     from otter.api import grade_submission
+
+    from .gradescope import install
+    install(args.cell_timeout, args.partial_results)  # the same changes as inside a zip
 
     results = grade_submission(args.submission, args.autograder_zip, quiet=False)
     results.notebook = None  # the executed notebook is large and not needed by the batch

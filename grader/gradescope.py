@@ -1,0 +1,93 @@
+"""Grading inside an autograder zip (Gradescope, or `otter grade` in a container): otter's own
+autograder, with what the course adds on every grading path.
+
+The zip's ``run_otter.py`` checks that the environment can import what the lab needs (else it
+writes an autograder error, never a silent zero) and then calls :func:`main`, which installs the
+same changes as the batch grader (``grader.grade_one``): a time limit per notebook cell, each
+question graded where its check cell stands, an interrupted test failing alone. Students' feedback
+(:func:`gradescope_results`) shows each result once, in words: the public tests in one entry
+visible at once, each question's hidden tests in an entry visible after the grades are
+published, with no test source quoted and no grading stdout.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+CELL_TIMEOUT = int(os.environ.get("COURSE_CELL_TIMEOUT", "300"))
+
+
+def _result_lines(test_file: Any, hidden: bool) -> tuple[list[str], float, float]:
+    """One line per test case of ``test_file`` with the given visibility, and the points."""
+    lines, score, possible = [], 0.0, 0.0
+    for result in test_file.test_case_results:
+        case = result.test_case
+        if bool(case.hidden) != hidden:
+            continue
+        points = case.points or 0
+        possible += points
+        score += points if result.passed else 0
+        name = getattr(case.body, "function_name", None) or case.name
+        if result.passed:
+            lines.append(f"✅ {name}" + (f": {case.success_message}" if case.success_message
+                                         else ": passed"))
+        else:
+            message = in_words(result.message)
+            lines.append(f"❌ {name}: {message}")
+    return lines, score, possible
+
+
+def in_words(message: str) -> str:
+    """otter's failure message without its header and any quoted test source."""
+    lines = message.replace("❌ Test case failed", "").strip().splitlines()
+    if lines and lines[0].startswith("Error at line"):
+        lines = lines[1:]
+        while lines and lines[0].startswith("  "):
+            lines = lines[1:]
+    return "\n".join(lines).strip() or "failed"
+
+
+def gradescope_results(results: Any) -> dict[str, Any]:
+    """Gradescope's results.json for otter's ``GradingResults``."""
+    if results._catastrophic_error:
+        return {"score": 0, "tests": [{
+            "name": "Autograder Error", "status": "failed", "visibility": "visible",
+            "output": "The submission could not be graded: "
+                      f"{type(results._catastrophic_error).__name__}: "
+                      f"{results._catastrophic_error}. Tell your instructor."}]}
+    public, tests = [], []
+    for name in results.test_files:
+        test_file = results.get_result(name)
+        lines, _, _ = _result_lines(test_file, hidden=False)
+        if lines:
+            public.append(f"{name}:\n  " + "\n  ".join(lines))
+        hidden_lines, _, _ = _result_lines(test_file, hidden=True)
+        tests.append({"name": name, "score": round(test_file.score, 5),
+                      "max_score": round(test_file.possible, 5),
+                      "visibility": "after_published",
+                      "output": "\n".join(hidden_lines) or "no hidden tests"})
+    summary = {"name": "Public tests (no points: they tell you whether you are on track)",
+               "visibility": "visible",
+               "status": "passed" if results.passed_all_public else "failed",
+               "output": "\n".join(public) or "no public tests"}
+    return {"tests": [summary, *tests], "score": round(sum(t["score"] for t in tests), 5),
+            "stdout_visibility": "hidden"}
+
+
+def install(cell_timeout: int = CELL_TIMEOUT, partial_results: str | None = None) -> None:
+    """The course's changes to otter's grading, for this process and the kernels it starts."""
+    from otter.test_files import GradingResults
+
+    from .grade_one import grade_questions_in_place, limit_cell_time
+
+    limit_cell_time(cell_timeout)
+    grade_questions_in_place(partial_results)
+    GradingResults.to_gradescope_dict = lambda self, ag_config: gradescope_results(self)
+
+
+def main(autograder_dir: str = "/autograder") -> None:
+    from otter.run.run_autograder import main as run_autograder
+
+    install()
+    run_autograder(autograder_dir)
