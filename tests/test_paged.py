@@ -13,14 +13,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from torch.nn import functional as F  # noqa: N812
 
-from course_reference.serving.paged import (
-    BlockAllocator,
-    OutOfBlocks,
-    PagedKVCache,
-    attention_plan,
-    blocks_for,
-    paged_attention,
-)
+from course_reference.serving.allocator import BlockAllocator
+from course_reference.serving.attention import attention_plan, paged_attention
+from course_reference.serving.paged_cache import PagedKVCache
+from course_runtime.serving import OutOfBlocks, blocks_for
 
 # --------------------------------------------------------------------------------------------
 # A small RoPE decoder that speaks the KV-cache protocol (random weights, float64 by default)
@@ -381,8 +377,9 @@ TestCacheMachine.settings = settings(max_examples=60, stateful_step_count=30, de
 def test_shipped_target_generates_the_same_tokens_with_the_paged_cache():
     """The course's target GPT (float64, so no argmax can flip by rounding): greedy tokens
     through the paged cache, packed with other sequences, equal greedy tokens without a cache."""
-    from course_reference.serving.scheduler import ContinuousBatcher, Request
+    from course_reference.serving.scheduler import ContinuousBatcher
     from course_runtime.models import generate, load, load_tokenizer
+    from course_runtime.serving import Request
 
     model = load("target").double()
     tokenizer = load_tokenizer()

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_reference.serving.paged import PagedKVCache
-from course_reference.serving.scheduler import (
-    ContinuousBatcher,
+from course_reference.serving.paged_cache import PagedKVCache
+from course_reference.serving.scheduler import ContinuousBatcher
+from course_runtime.serving import (
+    OutOfBlocks,
     Request,
     request_stream,
     serve_static,
@@ -180,3 +181,72 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
     expected = greedy_without_cache(MODEL, list(prompt), 5)
     assert result.outputs == {0: expected, 1: expected}
     assert result.cached_tokens == 4
+
+
+def test_the_batcher_talks_to_the_cache_through_its_verbs_only():
+    """The scheduler never reaches into the cache's allocator or block tables (nano-vllm's
+    habit: a scheduler and a block manager that meet in a few verbs)."""
+    import ast
+    import inspect
+
+    from course_reference.serving import scheduler
+
+    reached = {node.attr for node in ast.walk(ast.parse(inspect.getsource(scheduler)))
+               if isinstance(node, ast.Attribute)}
+    assert not reached & {"allocator", "tables", "k", "v", "_segments"}, reached
+
+
+def test_allocate_and_append_promise_blocks_until_the_step_takes_them():
+    cache = PagedKVCache(1, 1, 2, num_blocks=4, block_size=2)
+    assert cache.can_allocate([1, 2, 3], 3)
+    a = cache.allocate([1, 2, 3], 3)                        # 2 blocks promised, none taken yet
+    assert cache.num_free_blocks == 4 and cache.seq_length(a) == 0
+    assert not cache.can_allocate([4, 5, 6, 7, 8], 5)       # 3 blocks, 2 left unpromised
+    assert cache.can_allocate([4, 5, 6], 3)
+    assert not cache.can_allocate([4, 5, 6], 3, headroom=1)
+    b = cache.allocate([4], 1)
+    with pytest.raises(OutOfBlocks, match="needed 2, 1 free of 4"):
+        cache.allocate([5, 6, 7], 3)
+    cache.free_sequence(b)                                  # its promise goes with it
+    assert cache.can_append(a, 3) and not cache.can_append(a, 7)
+    x = torch.randn(1, 1, 3, 2)
+    cache.select_packed([(a, 3)])
+    cache.attend(0, x, x, x)
+    cache.advance(3)
+    assert cache.num_free_blocks == 2 and cache.block_table(a) == [0, 1]
+    assert cache.can_append(a, 1) and cache.can_allocate([9, 9, 9, 9], 4)   # promises spent
+    cache.append(a, 1)                                      # room in its last block: no block
+    assert cache.can_allocate([9, 9, 9, 9], 4)
+
+
+def test_a_prefix_cache_hit_is_verified_against_the_block_tokens():
+    from course_reference.serving.prefix_cache import PrefixCache
+
+    index = PrefixCache(block_size=2)
+    index.remember([7, 3], [1, 2, 3, 4])
+    assert index.lookup([1, 2, 3, 4, 5]) == [7, 3]
+    assert index.lookup([1, 2, 3, 4]) == [7]                # the last token is always computed
+    assert index.lookup([1, 9, 3, 4, 5]) == []
+    # A hash that collides (forged here) must not hand out another prefix's block.
+    index._block_of_hash[index.block_hashes([5, 6])[0]] = 7
+    assert index.lookup([5, 6, 0]) == []
+    index.forget(7)
+    assert index.lookup([1, 2, 3, 4, 5]) == []
+
+
+def test_block_figures_draw_a_trace_recorded_by_a_cache():
+    """A cache's own trace (the lab's LabPagedCache) has no waiting queue: the figure says so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from course_runtime.viz.paged import draw_blocks
+
+    snapshot = {"step": 3, "kind": "seq", "free_blocks": 2, "tables": {0: [1, 2], 4: [0]},
+                "lengths": {0: 6, 4: 1}}
+    pool, tables = draw_blocks(snapshot, 4, 4).axes
+    assert tables.get_title() == "step 3: block tables of 2 running sequences"
+    assert [t.get_text() for t in tables.texts][0] == "seq 0 (6 tok, +0)"
+    assert len(pool.patches) == 4 + 3
+    plt.close("all")

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from course_reference.serving.paged import PagedKVCache
-from course_reference.serving.scheduler import (
-    ContinuousBatcher,
+from course_reference.serving.paged_cache import PagedKVCache
+from course_reference.serving.scheduler import ContinuousBatcher
+from course_runtime.serving import (
     Request,
     ServeResult,
     request_stream,

@@ -1,13 +1,12 @@
-"""LLM serving: KV caches (dense and paged), batching schedulers and speculative decoding."""
+"""LLM serving: the paged KV cache (allocator, paged attention, the cache, prefix caching),
+continuous batching and speculative decoding. The request stream, the block-table vocabulary and
+the static-batching baseline are the runtime's (``course_runtime.serving``)."""
 
-from .paged import BlockAllocator as BlockAllocator
-from .paged import OutOfBlocks as OutOfBlocks
-from .paged import PagedKVCache as PagedKVCache
-from .paged import paged_attention as paged_attention
+from .allocator import BlockAllocator as BlockAllocator
+from .attention import paged_attention as paged_attention
+from .paged_cache import PagedKVCache as PagedKVCache
+from .prefix_cache import PrefixCache as PrefixCache
 from .scheduler import ContinuousBatcher as ContinuousBatcher
-from .scheduler import Request as Request
-from .scheduler import request_stream as request_stream
-from .scheduler import serve_static as serve_static
 from .speculative import SpeculativeStats as SpeculativeStats
 from .speculative import accept_or_resample as accept_or_resample
 from .speculative import expected_tokens_per_step as expected_tokens_per_step

@@ -1,9 +1,16 @@
 """Pictures of the paged KV cache: physical blocks, block tables, and how they change as requests
 arrive and leave under continuous batching.
 
-The input is the trace of ``ContinuousBatcher.run(requests, trace=True)``: one snapshot per
-model step with every running request's block table, the tokens it holds, what the step
-schedules and who waits.
+The input is a trace: one snapshot per model step, taken before the step runs, a dict with
+
+- ``"step"``: the model call's number; ``"free_blocks"``: free blocks;
+- ``"tables"``: ``{id: [physical block, ...]}`` and ``"lengths"``: ``{id: tokens held}`` for
+  every running sequence (or request);
+- optionally ``"scheduled"``: ``{id: tokens the step computes}``, ``"waiting"``: the ids still
+  waiting, and ``"kind"``: what the ids name (``"req"``, the default, or ``"seq"``).
+
+The lab's ``LabPagedCache(..., record=True)`` records one of a serving loop on your own cache;
+the book draws the course's continuous batcher the same way.
 """
 
 from __future__ import annotations
@@ -74,10 +81,11 @@ def draw_blocks(snapshot: dict, num_blocks: int, block_size: int,
 
     running = sorted(snapshot["tables"])
     width = max((len(t) for t in snapshot["tables"].values()), default=1)
+    kind = snapshot.get("kind", "req")
     for row, rid in enumerate(running):
         y = len(running) - 1 - row
-        scheduled = snapshot["scheduled"].get(rid, 0)
-        tables.text(-0.3, y + 0.45, f"req {rid} ({snapshot['lengths'][rid]} tok, +{scheduled})",
+        scheduled = snapshot.get("scheduled", {}).get(rid, 0)
+        tables.text(-0.3, y + 0.45, f"{kind} {rid} ({snapshot['lengths'][rid]} tok, +{scheduled})",
                     ha="right", va="center", fontsize=7)
         for i, b in enumerate(snapshot["tables"][rid]):
             tables.add_patch(Rectangle((i, y), 0.92, 0.9, facecolor=request_color(rid),
@@ -86,15 +94,16 @@ def draw_blocks(snapshot: dict, num_blocks: int, block_size: int,
     tables.set_xlim(-0.2, max(width, 1))
     tables.set_ylim(0, max(len(running), 1))
     tables.axis("off")
-    waiting = snapshot["waiting"]
-    tables.set_title(f"step {snapshot['step']}: block tables of {len(running)} running requests; "
-                     f"{len(waiting)} waiting", fontsize=9)
+    waiting = snapshot.get("waiting")
+    who = "requests" if kind == "req" else "sequences"
+    tables.set_title(f"step {snapshot['step']}: block tables of {len(running)} running {who}"
+                     + ("" if waiting is None else f"; {len(waiting)} waiting"), fontsize=9)
     figure.tight_layout()
     return figure
 
 
 def plot_occupancy(trace: Sequence[dict], num_blocks: int, ax: Axes | None = None) -> Figure:
-    """Blocks in use and requests running at every step of a trace."""
+    """Blocks in use and sequences (or requests) running at every step of a trace."""
     if ax is None:
         figure, ax = plt.subplots(figsize=(7, 2.8))
     else:
@@ -118,7 +127,8 @@ class BlockTableExplorer(widgets.VBox):
 
     def __init__(self, trace: Sequence[dict], num_blocks: int, block_size: int, dpi: int = 80):
         if not trace:
-            raise ValueError("an empty trace: run the batcher with trace=True")
+            raise ValueError("an empty trace: record one first (the batcher's trace=True, or "
+                             "LabPagedCache(..., record=True) and a serving loop on it)")
         slider = widgets.IntSlider(value=0, min=0, max=len(trace) - 1, description="step",
                                    continuous_update=False)
         image = widgets.Image(format="png")

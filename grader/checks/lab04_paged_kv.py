@@ -1,11 +1,17 @@
-"""Checks for Lab 4 (paged KV cache), called by the lab's public and hidden tests.
+"""Checks for Lab 4 (paged KV cache), called by the lab's hidden tests.
 
 Each question is checked on its own: the block-table functions (q2) run on the reference
 allocator, and the generation and serving loops (q4, q5) on the reference ``PagedKVCache``, so
 that a bug in one question costs the points of that question only. The oracles are the
-reference allocator, PyTorch's ``scaled_dot_product_attention`` on dense keys, and greedy
-generation without any cache. Everything runs in float64, where paged and dense attention agree
-to 1e-12, so greedy tokens cannot differ by rounding.
+reference allocator and cache, PyTorch's ``scaled_dot_product_attention`` on dense keys, and
+greedy generation without any cache. Everything runs in float64, where paged and dense attention
+agree to 1e-12, so greedy tokens cannot differ by rounding.
+
+The public tests (worth 0 points; students run them without this module) cover a few of these
+cases on the student's own pieces; every such case is repeated here, in a hidden test, so that
+the hidden tests alone decide the grade. The one public case that needs the reference, q2's
+table program, ships as data: ``public_expectations`` runs it on the reference cache when the
+lab is assigned (``expected.json``).
 """
 
 from __future__ import annotations
@@ -20,16 +26,15 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from course_reference.serving.paged import (
-    BlockAllocator,
+from course_reference.serving.allocator import BlockAllocator
+from course_reference.serving.attention import paged_attention
+from course_reference.serving.paged_cache import PagedKVCache
+from course_reference.serving.scheduler import ContinuousBatcher
+from course_runtime.serving import (
     BlockTable,
     OutOfBlocks,
-    PagedKVCache,
-    blocks_for,
-    paged_attention,
-)
-from course_reference.serving.scheduler import (
     Request,
+    blocks_for,
     request_stream,
     serve_static,
     static_batch_size,
@@ -38,10 +43,16 @@ from course_runtime.testing import assert_close, require, time_limit
 from course_runtime.timing import measure_interleaved
 from grader.checks import check_ratio, forbid
 
+
+def _dotted(function: Any) -> str:
+    """The path ``forbid`` patches, read from the function itself so that it follows a move."""
+    return f"{function.__module__}.{function.__qualname__}"
+
+
 FORBIDDEN = [
-    "course_reference.serving.paged.paged_attention",
-    "course_reference.serving.paged.PagedKVCache._prepare",
-    "course_reference.serving.scheduler.ContinuousBatcher.run",
+    _dotted(paged_attention),
+    _dotted(PagedKVCache._prepare),
+    _dotted(ContinuousBatcher.run),
     "torch.nn.functional.scaled_dot_product_attention",
 ]
 REASON = ("Lab 4 asks you to write the allocator, the block tables, paged attention and the "
@@ -50,8 +61,8 @@ REASON = ("Lab 4 asks you to write the allocator, the block tables, paged attent
 
 
 LOOP_FORBIDDEN = [
-    "course_reference.serving.scheduler.ContinuousBatcher.run",
-    "course_reference.serving.scheduler.serve_static",
+    _dotted(ContinuousBatcher.run),
+    _dotted(serve_static),
     "course_runtime.models.gpt.generate",
 ]
 
@@ -142,6 +153,51 @@ def check_allocator(cls: Any, seed: int, steps: int, num_blocks: int = 6,
         if theirs.num_free != num_blocks:
             raise AssertionError(f"after freeing every reference, num_free is {theirs.num_free} "
                                  f"of {num_blocks}: blocks leaked")
+
+
+def check_allocator_spec(cls: Any, namespace: dict[str, Any] | None = None) -> None:
+    """The public test's program on 3 blocks, line by line what the handout asks (the public
+    test runs the same program without this module)."""
+    require(BlockAllocator=cls)
+    with guard(namespace), time_limit(10, "your BlockAllocator"):
+        allocator = cls(3, 4)
+        if allocator.num_free != 3:
+            raise AssertionError(f"a new allocator of 3 blocks has num_free {allocator.num_free}, "
+                                 "expected 3")
+        a, b = allocator.allocate(), allocator.allocate()
+        if a not in range(3) or b not in range(3) or a == b:
+            raise AssertionError(f"two allocate() calls gave {a!r} and {b!r}: expected two "
+                                 "different block ids in 0..2")
+        if allocator.num_free != 1 or allocator.ref_count(a) != 1:
+            raise AssertionError(f"after two allocate(): num_free {allocator.num_free} (expected "
+                                 f"1), ref_count({a}) {allocator.ref_count(a)} (expected 1)")
+        allocator.share(a)
+        if allocator.ref_count(a) != 2 or allocator.num_free != 1:
+            raise AssertionError(f"after share({a}): ref_count({a}) {allocator.ref_count(a)} "
+                                 f"(expected 2), num_free {allocator.num_free} (expected 1: "
+                                 "sharing takes no block)")
+        c = allocator.allocate()
+        try:
+            allocator.allocate()
+        except OutOfBlocks:
+            pass
+        else:
+            raise AssertionError("with all 3 blocks taken, allocate() must raise OutOfBlocks")
+        allocator.free(a)
+        if allocator.ref_count(a) != 1 or allocator.num_free != 0:
+            raise AssertionError(f"after free({a}) of a block shared by two: ref_count "
+                                 f"{allocator.ref_count(a)} (expected 1), num_free "
+                                 f"{allocator.num_free} (expected 0: one user is left)")
+        allocator.free(a)
+        allocator.free(c)
+        if allocator.ref_count(a) != 0 or allocator.num_free != 2:
+            raise AssertionError(f"after freeing every reference to {a} and {c}: ref_count({a}) "
+                                 f"{allocator.ref_count(a)} (expected 0), num_free "
+                                 f"{allocator.num_free} (expected 2)")
+        again = allocator.allocate()
+        if again not in (a, c):
+            raise AssertionError(f"only blocks {a} and {c} are free, but allocate() gave "
+                                 f"{again!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,6 +335,149 @@ def check_copy_on_write(append_slots: Any, fork: Any, namespace: dict[str, Any] 
                              f"{allocator.ref_count(shared)}, expected 1")
 
 
+# q2's public case: a fixed program, with what it must return and leave behind computed by the
+# reference cache. No block is allocated after a release, so every allocator (whatever free
+# block it picks) produces the same tables once blocks are named by the order they first
+# appear, and that naming is what the expected values use.
+TABLE_PROGRAM: dict[str, Any] = {"num_blocks": 8, "block_size": 4, "steps": [
+    {"op": "new"},                                   # table 0
+    {"op": "append", "table": 0, "n": 6},            # two blocks, the second half full
+    {"op": "fork", "table": 0},                      # table 1 shares both
+    {"op": "append", "table": 1, "n": 3},            # copy-on-write of the half-full block
+    {"op": "append", "table": 0, "n": 2},            # table 0's block is its own again: no copy
+    {"op": "append", "table": 0, "n": 1},            # a new block
+    {"op": "new"},                                   # table 2
+    {"op": "append", "table": 2, "n": 13},           # 4 blocks, 3 free: OutOfBlocks
+    {"op": "fork", "table": 1},                      # table 3 shares table 1's three blocks
+    {"op": "append", "table": 3, "n": 1},            # copy-on-write of the last one
+    {"op": "append", "table": 2, "n": 8},            # the last two free blocks
+    {"op": "append", "table": 0, "n": 1},            # room left in the last block
+    {"op": "append", "table": 0, "n": 3},            # needs a block, none free: OutOfBlocks
+    {"op": "release", "table": 1},
+    {"op": "release", "table": 3},
+    {"op": "release", "table": 2},
+    {"op": "release", "table": 0},
+]}
+
+
+def describe_step(step: dict[str, Any]) -> str:
+    if step["op"] == "append":
+        return f"append_slots(table {step['table']}, {step['n']})"
+    if step["op"] == "new":
+        return "a new, empty BlockTable"
+    return f"{step['op']}(table {step['table']})"
+
+
+class BlockNames(dict):
+    """Physical blocks renamed 0, 1, 2, ... in the order they first appear."""
+
+    def __call__(self, block: int) -> int:
+        return self.setdefault(int(block), len(self))
+
+
+def table_state(name: BlockNames, tables: list[list[int]], tokens: list[int], num_free: int,
+                ref_count: Callable[[int], int]) -> dict[str, Any]:
+    """What a step leaves behind: every table, its tokens, num_free and each block's count."""
+    named = [[name(b) for b in t] for t in tables]
+    return {"tables": named, "tokens": list(tokens), "num_free": num_free,
+            "ref_counts": [ref_count(b) for b in sorted(name, key=name.get)]}
+
+
+def run_table_program(append_slots: Any, fork: Any, release: Any, allocator: Any,
+                      program: dict[str, Any] = TABLE_PROGRAM) -> list[dict[str, Any]]:
+    """Run the program with the student's functions; one record per step (see ``table_state``)."""
+    tables: list[Any] = []
+    name = BlockNames()
+    records = []
+    for step in program["steps"]:
+        returned: Any = None
+        copies: list[list[int]] = []
+        if step["op"] == "new":
+            tables.append(BlockTable())
+        elif step["op"] == "fork":
+            tables.append(fork(tables[step["table"]], allocator))
+        elif step["op"] == "release":
+            release(tables[step["table"]], allocator)
+        else:
+            try:
+                slots = append_slots(tables[step["table"]], allocator, step["n"],
+                                     lambda src, dst: copies.append([name(src), name(dst)]))
+            except OutOfBlocks:
+                returned = "OutOfBlocks"
+            else:
+                if slots is None:
+                    raise AssertionError(f"{describe_step(step)} returned None: expected the "
+                                         "list of (block, offset) of each new token")
+                returned = [[name(b), int(o)] for b, o in slots]
+        records.append({"returned": returned, "copies": copies, **table_state(
+            name, [t.blocks for t in tables], [t.num_tokens for t in tables],
+            allocator.num_free, allocator.ref_count)})
+    return records
+
+
+def reference_table_program(program: dict[str, Any] = TABLE_PROGRAM) -> list[dict[str, Any]]:
+    """The same records from the reference ``PagedKVCache``: its sequences are the tables, an
+    append is one model step's ``attend`` and ``advance``, a copy on write shows as the first
+    block written being replaced."""
+    size = program["block_size"]
+    cache = PagedKVCache(1, 1, 1, program["num_blocks"], size, dtype=torch.float64)
+    seqs: list[int | None] = []
+    name = BlockNames()
+    records = []
+    for step in program["steps"]:
+        returned: Any = None
+        copies: list[list[int]] = []
+        if step["op"] == "new":
+            seqs.append(cache.add_sequence())
+        elif step["op"] == "fork":
+            seqs.append(cache.fork(seqs[step["table"]]))
+        elif step["op"] == "release":
+            cache.free_sequence(seqs[step["table"]])
+            seqs[step["table"]] = None
+        else:
+            seq, n = seqs[step["table"]], step["n"]
+            before, start = cache.block_table(seq), cache.seq_length(seq)
+            x = torch.zeros(1, 1, n, 1, dtype=torch.float64)
+            cache.select([seq])
+            try:
+                cache.attend(0, x, x, x)
+            except OutOfBlocks:
+                returned = "OutOfBlocks"
+            else:
+                cache.advance(n)
+                after, first = cache.block_table(seq), start // size
+                if first < len(before) and after[first] != before[first]:
+                    copies.append([name(before[first]), name(after[first])])
+                returned = [[name(after[p // size]), p % size] for p in range(start, start + n)]
+        live = [[] if s is None else cache.block_table(s) for s in seqs]
+        tokens = [0 if s is None else cache.seq_length(s) for s in seqs]
+        records.append({"returned": returned, "copies": copies, **table_state(
+            name, live, tokens, cache.num_free_blocks, cache.allocator.ref_count)})
+    return records
+
+
+def check_table_program(append_slots: Any, fork: Any, release: Any,
+                        namespace: dict[str, Any] | None = None) -> None:
+    """The public test's table program, on the reference allocator, against the reference."""
+    require(append_slots=append_slots, fork=fork, release=release)
+    allocator = BlockAllocator(TABLE_PROGRAM["num_blocks"], TABLE_PROGRAM["block_size"])
+    with guard(namespace), time_limit(10, "your block-table functions"):
+        got = run_table_program(append_slots, fork, release, allocator)
+    for k, (step, mine, theirs) in enumerate(zip(TABLE_PROGRAM["steps"], got,
+                                                 reference_table_program())):
+        for key in theirs:
+            if mine[key] != theirs[key]:
+                raise AssertionError(
+                    f"step {k + 1} of the table program, {describe_step(step)}: {key} is "
+                    f"{mine[key]}, expected {theirs[key]} (blocks numbered in the order they "
+                    "first appear)")
+
+
+def public_expectations() -> dict[str, Any]:
+    """What the public tests compare with, computed by the reference when the lab is assigned."""
+    return {"q2_tables": {**TABLE_PROGRAM, "expected": reference_table_program()}}
+
+
 # --------------------------------------------------------------------------------------------
 # q3: paged decode attention
 # --------------------------------------------------------------------------------------------
@@ -332,6 +531,42 @@ def check_decode_attention(fn: Any, seed: int, cases: int,
                      atol=1e-9, rtol=1e-9)
 
 
+def public_decode_case() -> dict[str, torch.Tensor]:
+    """q3's public case, built as the public test builds it: three sequences in scattered
+    blocks of 4, every slot no sequence holds poisoned with NaN."""
+    g = torch.Generator().manual_seed(0)
+    tables = torch.tensor([[7, 2, 9], [0, 5, 3], [8, 8, 8]])
+    lens = torch.tensor([6, 12, 1])
+    k_cache, v_cache = (torch.randn(2, 10, 4, 8, generator=g, dtype=torch.float64)
+                        for _ in range(2))
+    q = torch.randn(3, 2, 8, generator=g, dtype=torch.float64)
+    dense = [[c[:, tables[b]].flatten(1, 2)[:, :lens[b]] for c in (k_cache, v_cache)]
+             for b in range(3)]
+    expected = torch.stack([F.scaled_dot_product_attention(q[b][:, None], k, v)[:, 0]
+                            for b, (k, v) in enumerate(dense)])
+    held = torch.zeros(10, 4, dtype=torch.bool)
+    for b in range(3):
+        for p in range(int(lens[b])):
+            held[tables[b, p // 4], p % 4] = True
+    k_cache[:, ~held] = math.nan
+    v_cache[:, ~held] = math.nan
+    return {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": tables,
+            "context_lens": lens, "expected": expected}
+
+
+def check_decode_public_case(fn: Any, namespace: dict[str, Any] | None = None) -> None:
+    """The public test's case, against dense attention and the reference's paged attention."""
+    require(paged_decode_attention=fn)
+    c = public_decode_case()
+    args = (c["q"], c["k_cache"], c["v_cache"], c["block_tables"], c["context_lens"])
+    with guard(namespace), time_limit(30, "your paged_decode_attention"):
+        got = fn(*args)
+    got = None if got is None else torch.as_tensor(got).detach().numpy()
+    what = "paged_decode_attention on 3 sequences of 6, 12 and 1 keys (unused slots NaN)"
+    assert_close(got, c["expected"].numpy(), what=what, atol=1e-9, rtol=1e-9)
+    assert_close(got, _reference_decode(*args).numpy(), what=what, atol=1e-9, rtol=1e-9)
+
+
 class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the largest tensor any operation produces."""
 
@@ -383,15 +618,25 @@ def prompts_for(seed: int, count: int, vocab_size: int, longest: int = 24) -> li
             for _ in range(count)]
 
 
-def check_generate(generate_paged: Any, seed: int, count: int, max_new: int,
+PUBLIC_TEXTS = ("Call me Ishmael.", "The whale", "It was")      # q4's public prompts
+
+
+def check_generate(generate_paged: Any, seed: int = 0, count: int = 3, max_new: int = 10,
                    make_cache: Callable[..., Any] | None = None, num_blocks: int = 64,
-                   block_size: int = 4, namespace: dict[str, Any] | None = None) -> None:
+                   block_size: int = 4, texts: Sequence[str] | None = None,
+                   namespace: dict[str, Any] | None = None) -> None:
     """Greedy tokens through the paged cache equal greedy tokens without a cache, and every
-    block is free afterwards. ``make_cache(model, num_blocks, block_size)`` builds the cache
-    (default: the reference PagedKVCache)."""
+    block is free afterwards. The prompts are ``count`` random ones, or ``texts`` encoded.
+    ``make_cache(model, num_blocks, block_size)`` builds the cache (default: the reference
+    PagedKVCache)."""
     require(generate_paged=generate_paged)
     model = _model()
-    prompts = prompts_for(seed, count, model.config.vocab_size)
+    if texts is None:
+        prompts = prompts_for(seed, count, model.config.vocab_size)
+    else:
+        from course_runtime.models import load_tokenizer
+
+        prompts = [load_tokenizer().encode(t) for t in texts]
     make_cache = make_cache or (lambda m, n, b: PagedKVCache.for_model(m, n, b))
     cache = make_cache(model, num_blocks, block_size)
     with loop_guard(namespace), time_limit(60, "your generate_paged"):
@@ -544,6 +789,9 @@ def _reference_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return _PAGED_ATTENTION(q[:, :, None], k_cache, v_cache, block_tables, context_lens)[:, :, 0]
 
 
-__all__ = ["check_allocator", "check_block_tables", "check_copy_on_write",
-           "check_decode_attention", "check_generate", "check_no_dense_gather", "check_serve",
-           "check_speed", "check_steps_vs_static", "greedy_reference", "random_paged_case"]
+__all__ = ["check_allocator", "check_allocator_spec", "check_block_tables",
+           "check_copy_on_write", "check_decode_attention", "check_decode_public_case",
+           "check_generate", "check_no_dense_gather", "check_serve", "check_speed",
+           "check_steps_vs_static", "check_table_program", "greedy_reference",
+           "public_decode_case", "public_expectations", "random_paged_case",
+           "reference_table_program", "run_table_program"]

@@ -1,17 +1,19 @@
-"""A paged KV cache: fixed-size blocks, block tables, and attention that reads through them.
+"""A paged KV cache: keys and values of many sequences in shared fixed-size blocks, one block
+table per sequence, attention read through the tables.
 
 This is the memory manager of vLLM (Kwon et al., "Efficient Memory Management for Large Language
-Model Serving with PagedAttention", SOSP 2023, sections 4.1-4.4), small enough to read in one go:
+Model Serving with PagedAttention", SOSP 2023, sections 4.1-4.4), small enough to read in one go.
+``PagedKVCache`` implements the course's KV-cache protocol (``positions``, ``attend``,
+``advance``, ``truncate``), so the tiny GPT runs on it unchanged; it takes its blocks from a
+``BlockAllocator`` (``allocator``), copies a shared block on its first write (copy-on-write,
+section 4.4), reads keys with ``paged_attention`` (``attention``) and, if asked, keeps full
+blocks findable for later prompts (``prefix_cache``).
 
-- ``BlockAllocator`` hands out physical blocks of ``block_size`` token slots from a free list and
-  counts references, so that forked sequences (parallel sampling, a shared prompt) share blocks
-  until one of them writes: copy-on-write (section 4.4).
-- ``PagedKVCache`` keeps one block table per sequence (logical block i of a sequence lives in
-  physical block ``table[i]``) and implements the course's KV-cache protocol (``positions``,
-  ``attend``, ``advance``, ``truncate``), so the tiny GPT runs on it unchanged.
-- ``paged_attention`` computes causal attention of new queries over a sequence's cached keys one
-  block at a time with an online softmax (as FlashAttention and vLLM's kernel do), so the cache
-  is never gathered into one dense tensor.
+A scheduler talks to it through a few verbs, as nano-vllm's scheduler talks to its block
+manager: ``can_allocate`` / ``allocate`` a sequence, ``can_append`` / ``append`` tokens to one,
+``free_sequence`` when it is done or preempted. Blocks are taken when the model step runs;
+``allocate`` and ``append`` promise them until then, so that a step's promises never exceed the
+free blocks.
 
 A sequence only ever holds ``ceil(tokens / block_size)`` blocks, so the memory it wastes is less
 than one block, against a contiguous cache that reserves the maximum length up front.
@@ -20,221 +22,17 @@ than one block, against a contiguous cache that reserves the maximum length up f
 from __future__ import annotations
 
 import itertools
-import math
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F  # noqa: N812
 
+from course_runtime.serving import BlockTable, OutOfBlocks, blocks_for
 
-class OutOfBlocks(RuntimeError):
-    """The allocator has fewer free blocks than a request needs (the scheduler preempts on it)."""
-
-    def __init__(self, needed: int, free: int, total: int):
-        super().__init__(f"out of KV-cache blocks: needed {needed}, {free} free of {total}; "
-                         "free finished sequences, preempt one, or make the cache larger")
-        self.needed, self.free, self.total = needed, free, total
-
-
-class BlockAllocator:
-    """Physical blocks ``0 .. num_blocks-1``, a free list and a reference count per block.
-
-    A block is free exactly when its count is zero. ``share`` adds a reference (a fork), ``free``
-    drops one, and the block returns to the free list when the last reference goes.
-    """
-
-    def __init__(self, num_blocks: int, block_size: int):
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need at least one block of at least one slot, got "
-                             f"num_blocks={num_blocks}, block_size={block_size}")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        # Handed out least recently freed first: with prefix caching a free block keeps its
-        # contents, and the ones freed last are the likeliest to be asked for again (LRU).
-        self._free = deque(range(num_blocks))
-        self._refs = [0] * num_blocks
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self) -> int:
-        """A free block, now with one reference (``OutOfBlocks`` when none is left)."""
-        if not self._free:
-            raise OutOfBlocks(1, 0, self.num_blocks)
-        block = self._free.popleft()
-        self._refs[block] = 1
-        return block
-
-    def take(self, block: int) -> None:
-        """Allocate this particular free block (a cached prefix block being reused)."""
-        if not 0 <= block < self.num_blocks or self._refs[block] != 0:
-            raise ValueError(f"take: block {block} is not a free block")
-        self._free.remove(block)
-        self._refs[block] = 1
-
-    def share(self, block: int) -> None:
-        """One more sequence refers to ``block`` (a fork)."""
-        self._check_live(block, "share")
-        self._refs[block] += 1
-
-    def free(self, block: int) -> None:
-        """Drop one reference; the block is free again when none is left."""
-        self._check_live(block, "free")
-        self._refs[block] -= 1
-        if self._refs[block] == 0:
-            self._free.append(block)
-
-    def ref_count(self, block: int) -> int:
-        return self._refs[block]
-
-    def _check_live(self, block: int, op: str) -> None:
-        if not 0 <= block < self.num_blocks:
-            raise IndexError(f"{op}: block {block} is not in 0..{self.num_blocks - 1}")
-        if self._refs[block] == 0:
-            raise ValueError(f"{op}: block {block} is free (a double free, or a block that was "
-                             "never allocated)")
-
-    def check(self) -> None:
-        """Assert the allocator's invariants: every block is either free or referenced, once."""
-        free = set(self._free)
-        assert len(free) == len(self._free), "a block is on the free list twice"
-        for b in range(self.num_blocks):
-            assert (b in free) == (self._refs[b] == 0), (
-                f"block {b}: ref count {self._refs[b]} but {'' if b in free else 'not '}free")
-
-
-@dataclass
-class BlockTable:
-    """One sequence: its physical blocks in logical order and how many tokens it holds."""
-
-    blocks: list[int] = field(default_factory=list)
-    num_tokens: int = 0
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
-@dataclass
-class AttentionPlan:
-    """What ``paged_attention`` reads at each step, and which of it to mask: the same for every
-    layer of a model step, so the cache computes it once per step and reuses it."""
-
-    blocks: list[torch.Tensor]             # [m, g] physical block ids per step
-    hidden: list[torch.Tensor | None]      # [m, n, g*bs]: key after the query, or past the end?
-    unstored: list[torch.Tensor | None]    # [m, g*bs, 1]: slot past the sequence's end?
-    # A step reads rows 0..m-1 only: the rows after the last one with a key in the step have
-    # nothing to read there, so it skips them (rows sorted longest first skip the most).
-
-
-def attention_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, n: int,
-                   block_size: int, blocks_per_step: int = 1) -> AttentionPlan:
-    """Split the block tables into steps of ``blocks_per_step`` blocks, with their masks
-    (``None`` where nothing in the step needs masking)."""
-    B = block_tables.shape[0]
-    if block_tables.dim() != 2 or context_lens.shape != (B,):
-        raise ValueError(f"paged_attention: block_tables of shape {tuple(block_tables.shape)} "
-                         f"and context_lens of shape {tuple(context_lens.shape)} do not match")
-    if bool((context_lens < n).any()):
-        raise ValueError(f"paged_attention: every sequence must hold its {n} new keys, got "
-                         f"context lengths {context_lens.tolist()}")
-    if blocks_per_step < 1:
-        raise ValueError(f"blocks_per_step must be at least 1, got {blocks_per_step}")
-    num_blocks = blocks_for(int(context_lens.max()), block_size)
-    if block_tables.shape[1] < num_blocks:
-        raise ValueError(f"paged_attention: block_tables has {block_tables.shape[1]} columns, "
-                         f"the longest sequence ({int(context_lens.max())} keys) needs "
-                         f"{num_blocks}")
-    device = block_tables.device
-    context_lens = context_lens.to(device)
-    q_pos = context_lens[:, None] - n + torch.arange(n, device=device)          # [B, n]
-    plan = AttentionPlan([], [], [])
-    lengths = context_lens.tolist()
-    for j in range(0, num_blocks, blocks_per_step):
-        first_key = j * block_size
-        rows = 1 + max(b for b in range(B) if lengths[b] > first_key)
-        block = block_tables[:rows, j:j + blocks_per_step]                      # [m, g]
-        k_pos = first_key + torch.arange(block.shape[1] * block_size, device=device)
-        visible = k_pos[None, None, :] <= q_pos[:rows, :, None]                 # [m, n, gbs]
-        stored = (k_pos[None, :] < context_lens[:rows, None])[:, :, None]       # [m, gbs, 1]
-        plan.blocks.append(block)
-        plan.hidden.append(None if bool(visible.all()) else ~visible)
-        plan.unstored.append(None if bool(stored.all()) else ~stored)
-    return plan
-
-
-def paged_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
-                    block_tables: torch.Tensor, context_lens: torch.Tensor,
-                    scale: float | None = None, blocks_per_step: int = 1,
-                    plan: AttentionPlan | None = None, unused_finite: bool = False
-                    ) -> torch.Tensor:
-    """Causal attention of new queries over keys stored in blocks, one block at a time.
-
-    q: ``[B, H, n, Dh]``, the last ``n`` positions of each sequence (query i of row b sits at
-    position ``context_lens[b] - n + i``). k_blocks, v_blocks: ``[H, num_blocks, block_size, Dh]``
-    (one layer; head-major, so that gathered blocks are laid out for the matmul as they come).
-    block_tables: ``[B, max_blocks]`` physical block ids (entries past a sequence's end are
-    ignored). context_lens: ``[B]`` keys per sequence, new ones included.
-
-    Each step gathers block j of every row (``[H, B, block_size, Dh]``) and folds it into a running
-    max, denominator and weighted sum (the online softmax of Milakov and Gimelshein, 2018), so no
-    more than one block per sequence is ever materialised. Slots past a sequence's length are
-    masked in both scores and values, so whatever they hold (stale data, NaN) never leaks in.
-    A GPU kernel gives each block to its own threads; on a CPU, where every step costs Python
-    overhead, ``blocks_per_step`` folds several blocks per step (still never the whole cache).
-    ``plan`` (from ``attention_plan``) skips recomputing the masks, the same for every layer.
-    ``unused_finite=True`` promises that every slot read holds a finite number, so masked scores
-    alone suffice (weight 0 times a finite value is 0) and the values need no mask: the
-    ``PagedKVCache`` keeps that promise by zeroing blocks when it allocates them.
-    """
-    B, H, n, Dh = q.shape
-    block_size = k_blocks.shape[2]
-    if block_tables.shape[0] != B:
-        raise ValueError(f"paged_attention: q has batch {B} but block_tables has shape "
-                         f"{tuple(block_tables.shape)}")
-    if k_blocks.dim() != 4 or (k_blocks.shape[0], k_blocks.shape[3]) != (H, Dh):
-        raise ValueError(f"paged_attention: q has {H} heads of size {Dh} but the cache blocks "
-                         f"have shape {tuple(k_blocks.shape)}")
-    if plan is None:
-        plan = attention_plan(block_tables.to(q.device), context_lens, n, block_size,
-                              blocks_per_step)
-    scale = 1.0 / math.sqrt(Dh) if scale is None else scale
-    # Work head-major, [H, B, ...]: gathering g blocks of every row from [H, num_blocks, bs, Dh]
-    # gives [H, B, g, bs, Dh], whose last three axes flatten to [H, B, g*bs, Dh] without a copy.
-    q = (q * scale).transpose(0, 1)                                             # [H, B, n, Dh]
-    running_max = denominator = out = None
-    for block, hidden, unstored in zip(plan.blocks, plan.hidden, plan.unstored):
-        m, g = block.shape                 # the step reads rows 0..m-1 (see AttentionPlan)
-        ids = block.flatten()
-        k = k_blocks.index_select(1, ids).view(H, m, g * block_size, Dh)       # [H, m, gbs, Dh]
-        v = v_blocks.index_select(1, ids).view(H, m, g * block_size, Dh)
-        scores = q[:, :m] @ k.transpose(-1, -2)                                 # [H, m, n, gbs]
-        if hidden is not None:
-            scores = scores.masked_fill_(hidden, -math.inf)
-        if unstored is not None and not unused_finite:
-            v = v.masked_fill_(unstored, 0.0)     # v is a fresh copy: zero its unused slots
-        if running_max is None:
-            # The first step holds key 0, visible to every query: its max is finite, and there
-            # is nothing yet to rescale (on a CPU every skipped operation is time saved).
-            running_max = scores.amax(-1, keepdim=True)
-            weights = torch.exp(scores.sub_(running_max))
-            denominator = weights.sum(-1, keepdim=True)
-            out = weights @ v
-            continue
-        # In place on the first m rows: the others have no key in this step.
-        old_max = running_max[:, :m]
-        new_max = torch.maximum(old_max, scores.amax(-1, keepdim=True))
-        weights = torch.exp(scores.sub_(new_max))
-        correction = torch.exp(old_max - new_max)
-        denominator[:, :m].mul_(correction).add_(weights.sum(-1, keepdim=True))
-        out[:, :m].mul_(correction).add_(weights @ v)
-        old_max.copy_(new_max)
-    if out is None:                    # no key at all: only possible with no query either
-        return torch.zeros_like(q).transpose(0, 1)
-    return out.div_(denominator).transpose(0, 1)
+from .allocator import BlockAllocator
+from .attention import attention_plan, paged_attention
+from .prefix_cache import PrefixCache
 
 
 @dataclass
@@ -273,10 +71,12 @@ class PagedKVCache:
       Orca's selective batching (Yu et al., OSDI 2022, section 4.2).
 
     ``PagedKVCache(..., batch_size=B)`` adds and selects B sequences, a drop-in for a dense cache;
-    ``blocks_per_step`` is passed to ``paged_attention``. ``prefix_caching=True`` keeps the
-    contents of full blocks findable by a hash of their tokens and of every token before them,
-    after their sequence is gone (vLLM's automatic prefix caching; SGLang's RadixAttention keeps
-    a radix tree instead): a new sequence whose prompt starts the same way reuses those blocks.
+    ``blocks_per_step`` is passed to ``paged_attention``. ``prefix_caching=True`` keeps full
+    blocks findable by their tokens after their sequence is gone (``PrefixCache``): a new
+    sequence whose prompt starts the same way reuses those blocks.
+
+    A scheduler uses the verbs of the module docstring (``can_allocate``, ``allocate``,
+    ``can_append``, ``append``, ``free_sequence``) and never the allocator or the tables.
     """
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int,
@@ -284,9 +84,8 @@ class PagedKVCache:
                  prefix_caching: bool = False, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu"):
         self.allocator = BlockAllocator(num_blocks, block_size)
-        self.prefix_caching = prefix_caching
-        self._block_of_hash: dict[int, int] = {}
-        self._hash_of_block: dict[int, int] = {}
+        self.prefix_cache = PrefixCache(block_size) if prefix_caching else None
+        self._promised: dict[int, int] = {}   # blocks promised to each sequence for the next step
         self.blocks_per_step = blocks_per_step
         self.block_size = block_size
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
@@ -336,25 +135,14 @@ class PagedKVCache:
 
     # ---- prefix caching -------------------------------------------------------------------
 
-    def block_hashes(self, tokens: Sequence[int]) -> list[int]:
-        """One hash per full block of ``tokens``, each covering the block and all before it."""
-        hashes, previous = [], 0
-        for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
-            previous = hash((previous, tuple(tokens[start:start + self.block_size])))
-            hashes.append(previous)
-        return hashes
+    @property
+    def prefix_caching(self) -> bool:
+        return self.prefix_cache is not None
 
     def cached_prefix(self, tokens: Sequence[int]) -> list[int]:
         """Blocks holding the longest run of ``tokens``' leading full blocks, short of the last
-        token (which must be computed, for its logits)."""
-        if not self.prefix_caching:
-            return []
-        blocks = []
-        for h in self.block_hashes(tokens[:-1]):
-            if h not in self._block_of_hash:
-                break
-            blocks.append(self._block_of_hash[h])
-        return blocks
+        token (which must be computed, for its logits); none without prefix caching."""
+        return [] if self.prefix_cache is None else self.prefix_cache.lookup(tokens)
 
     def add_sequence_with_prefix(self, tokens: Sequence[int]) -> int:
         """A new sequence that starts with the cached blocks of ``tokens``' prefix (live blocks
@@ -370,25 +158,85 @@ class PagedKVCache:
         return seq_id
 
     def remember_blocks(self, seq_id: int, tokens: Sequence[int]) -> None:
-        """Make the full blocks of ``seq_id`` (whose first tokens are ``tokens``) findable."""
+        """Make the full blocks of ``seq_id`` (whose first tokens are ``tokens``) findable (a
+        no-op without prefix caching)."""
+        if self.prefix_cache is None:
+            return
         table = self._table(seq_id)
-        held = min(len(tokens), table.num_tokens)
-        for block, h in zip(table.blocks, self.block_hashes(tokens[:held])):
-            if h not in self._block_of_hash and block not in self._hash_of_block:
-                self._block_of_hash[h] = block
-                self._hash_of_block[block] = h
+        self.prefix_cache.remember(table.blocks, tokens[:min(len(tokens), table.num_tokens)])
 
     def _forget(self, block: int) -> None:
-        """A block about to be overwritten no longer holds what its hash says."""
-        h = self._hash_of_block.pop(block, None)
-        if h is not None:
-            del self._block_of_hash[h]
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(block)
+
+    # ---- the scheduler's verbs ------------------------------------------------------------
+    # A scheduler chooses a step's tokens before the step runs, and the blocks are taken only
+    # when it runs (``_prepare``): until then ``allocate`` and ``append`` promise them, and the
+    # ``can_*`` questions count the free blocks less every promise of the step.
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence holds (cached prefix blocks among them: they can be taken back)."""
+        return self.allocator.num_free
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def prefix_hit(self, tokens: Sequence[int]) -> int:
+        """Tokens a new sequence for ``tokens`` starts with: its longest cached prefix."""
+        return len(self.cached_prefix(tokens)) * self.block_size
+
+    def _unpromised(self) -> int:
+        return self.allocator.num_free - sum(self._promised.values())
+
+    def _blocks_to_allocate(self, tokens: Sequence[int], n: int) -> int:
+        prefix = self.cached_prefix(tokens)
+        # The free blocks among the cached prefix come off the free list too (taken back).
+        return (blocks_for(len(prefix) * self.block_size + n, self.block_size) - len(prefix)
+                + sum(1 for b in prefix if self.allocator.ref_count(b) == 0))
+
+    def can_allocate(self, tokens: Sequence[int], n: int, headroom: float = 0.0) -> bool:
+        """Would a new sequence for ``tokens`` (its cached prefix, then ``n`` tokens computed in
+        the next step) fit, with ``headroom`` blocks to spare?"""
+        return self._blocks_to_allocate(tokens, n) + headroom <= self._unpromised()
+
+    def allocate(self, tokens: Sequence[int], n: int) -> int:
+        """A new sequence for ``tokens`` that starts with their cached prefix (``seq_length``
+        says how long) and computes ``n`` tokens in the next step, whose blocks are promised."""
+        need = self._blocks_to_allocate(tokens, n)
+        if need > self._unpromised():
+            raise OutOfBlocks(need, self._unpromised(), self.num_blocks)
+        seq_id = self.add_sequence_with_prefix(tokens)
+        self._promised[seq_id] = need
+        return seq_id
+
+    def can_append(self, seq_id: int, n: int) -> bool:
+        """Would ``n`` more tokens of ``seq_id`` in the next step fit (copies on write included)?"""
+        return self.blocks_needed(seq_id, n) <= self._unpromised()
+
+    def append(self, seq_id: int, n: int) -> None:
+        """Promise the blocks of ``n`` more tokens of ``seq_id`` for the next step."""
+        need = self.blocks_needed(seq_id, n)
+        if need > self._unpromised():
+            raise OutOfBlocks(need, self._unpromised(), self.num_blocks)
+        self._promised[seq_id] = self._promised.get(seq_id, 0) + need
+
+    def block_table(self, seq_id: int) -> list[int]:
+        """A copy of ``seq_id``'s physical blocks, in logical order (for traces and figures)."""
+        return list(self._table(seq_id).blocks)
 
     def free_sequence(self, seq_id: int) -> None:
-        """Drop a finished (or preempted) sequence and release its references to its blocks."""
+        """Drop a finished (or preempted) sequence: its references to its blocks, and the blocks
+        promised to it for the next step."""
         for b in self._table(seq_id).blocks:
             self.allocator.free(b)
         del self.tables[seq_id]
+        self._promised.pop(seq_id, None)
         self._segments = [(s, n) for s, n in self._segments if s != seq_id]
         self._step, self._plans = None, {}
 
@@ -512,6 +360,7 @@ class PagedKVCache:
             block_ids += [table.blocks[p // bs] for p in range(table.num_tokens, end)]
             offsets += [p % bs for p in range(table.num_tokens, end)]
             fresh.append(table.num_tokens == 0)
+        self._promised = {}               # the step now holds what it was promised
         device = self.k.device
         self._step = _Step(counts, fresh, torch.tensor(block_ids, device=device),
                            torch.tensor(offsets, device=device))
