@@ -257,10 +257,11 @@ def test_bad_arguments_are_named() -> None:
 
 def test_benchmark_sweep_counts_match_the_decoder(pair: tuple[GPT, GPT]) -> None:
     """The benchmark's sweep (a short one) reproduces the decoder's own counts."""
-    from course_reference.bench.speculative import prompts, summarise, sweep
+    from course_reference.bench.speculative import summarise, sweep
+    from course_runtime.speculative import bench_prompts
 
     target, draft = pair
-    prompt_set = prompts(2, 32)
+    prompt_set = bench_prompts(2, 32)
     rows = summarise(sweep(target, draft, gammas=(2, 5), rounds=1, new_tokens=40,
                            prompt_set=prompt_set))
     for row in rows:

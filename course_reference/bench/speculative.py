@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from course_runtime.speculative import bench_prompts
 from course_runtime.timing import device_name, measure_interleaved
 
 from .harness import ratio_record
@@ -24,17 +25,6 @@ GAMMAS = (1, 2, 3, 4, 6, 8)
 NEW_TOKENS = 128
 PROMPT_CHARS = 64
 NUM_PROMPTS = 4
-
-
-def prompts(num: int = NUM_PROMPTS, chars: int = PROMPT_CHARS) -> list[list[int]]:
-    """Fixed prompts from the held-out end of the book (the models never trained on them)."""
-    from course_runtime.models import load_corpus, load_tokenizer
-    from course_runtime.models.tokenizer import split_corpus
-
-    _, val = split_corpus(load_corpus())
-    tokenizer = load_tokenizer()
-    starts = np.linspace(0, len(val) - chars - 1, num).astype(int)
-    return [tokenizer.encode(val[s:s + chars]) for s in starts]
 
 
 def forward_cost_ratio(target: torch.nn.Module, draft: torch.nn.Module, rounds: int = 5,
@@ -70,7 +60,7 @@ def sweep(target: torch.nn.Module, draft: torch.nn.Module, gammas: Sequence[int]
     from course_reference.serving.speculative import speculative_generate
     from course_runtime.models import generate
 
-    prompt_set = prompts() if prompt_set is None else prompt_set
+    prompt_set = bench_prompts(NUM_PROMPTS, PROMPT_CHARS) if prompt_set is None else prompt_set
     reference = [generate(target, p, new_tokens)[0] for p in prompt_set]
     stats: dict[int, list[Any]] = {}
 

@@ -15,17 +15,17 @@ When every draft token is accepted the target's last distribution gives one more
 (the bonus token), so a step yields between 1 and gamma + 1 tokens. If each draft token is accepted
 independently with probability alpha, a step yields (1 - alpha^(gamma+1)) / (1 - alpha) tokens in
 expectation (their equation 1). Both models keep a KV cache; rejected tokens' entries are rolled
-back with ``truncate``.
+back with ``truncate``. The counters a decoder reports (``SpeculativeStats``) are the runtime's:
+the lab gives them to students, whose decoders fill them as this one does.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 
 from course_runtime.models.cache import DenseKVCache, KVCache
 from course_runtime.models.gpt import GPT, as_batch
+from course_runtime.speculative import SpeculativeStats
 
 
 def expected_tokens_per_step(alpha: float, gamma: int) -> float:
@@ -80,29 +80,6 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: torch.Tensor, u:
     accepted = u * q_x < p_x
     redrawn = sample_inverse_cdf(residual_distribution(p, q), v)
     return torch.where(accepted, token, redrawn), accepted
-
-
-@dataclass
-class SpeculativeStats:
-    """Counts of one speculative generation (hardware-independent measures of its cost)."""
-
-    gamma: int
-    generated: int = 0
-    steps: int = 0               # draft-then-verify rounds
-    target_forwards: int = 0     # including the prompt's prefill
-    draft_forwards: int = 0
-    proposed: int = 0            # draft tokens offered to the target
-    accepted: int = 0            # draft tokens the target kept
-    accepted_per_step: list[int] = field(default_factory=list)
-
-    @property
-    def alpha(self) -> float:
-        """Measured acceptance rate: accepted / proposed draft tokens."""
-        return self.accepted / self.proposed if self.proposed else float("nan")
-
-    @property
-    def target_forwards_per_token(self) -> float:
-        return self.target_forwards / self.generated if self.generated else float("nan")
 
 
 def _distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,15 +1,18 @@
-"""Checks for Lab 5 (speculative decoding), called by the lab's public and hidden tests.
+"""Checks for Lab 5 (speculative decoding), called by the lab's hidden tests.
 
 The oracles are target-only decoding (greedy speculative output must equal it token for token),
 the target's exact next-token probabilities (the sampled output must follow them), and a KV cache
 filled from scratch with the accepted tokens (what the rolled-back caches must hold). Each check
 runs the student's function on seeded inputs; the rejection-sampling rule is checked exactly, by
 feeding it the uniforms u and v that decide its random choices.
+
+The public tests compare with ``public_expectations()``: what the reference computes for their
+cases, shipped with the lab as data. The hidden tests rerun those cases, so they alone decide the
+grade.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -20,8 +23,8 @@ import torch
 
 from course_reference.serving import speculative as ref
 from course_runtime.models import GPT, DenseKVCache, GPTConfig, generate, load, load_tokenizer
+from course_runtime.speculative import bench_prompts, forwards_per_token, speed_table
 from course_runtime.testing import assert_close, require, time_limit
-from course_runtime.timing import measure_interleaved
 from grader.checks import forbid
 
 FORBIDDEN = [
@@ -34,6 +37,10 @@ REASON = ("Lab 5 asks you to write speculative decoding yourself; course_referen
           "your code is compared against, not part of it")
 
 PROMPTS = ["Call me Ishmael. ", "\"Aye, aye, sir!\" cried Stubb, ", "The whale", "Queequeg was"]
+# The public tests' cases; the hidden tests rerun them (``*_fixed_hidden``).
+PUBLIC_GREEDY_VERIFY = {"seed": 0, "cases": 9}
+PUBLIC_RESIDUAL = {"seed": 0, "cases": 4}
+PUBLIC_FORMULA = [(0.0, 1), (0.25, 2), (0.6, 4), (0.9, 7), (0.999, 4), (1.0, 4)]
 
 _models: dict[str, GPT] = {}
 
@@ -80,33 +87,47 @@ def _as_ids(tokens: Any, what: str) -> list[int]:
 # q1: greedy verification
 # --------------------------------------------------------------------------------------------
 
-def check_greedy_verify(greedy_verify: Callable[..., Any], seed: int, cases: int,
-                        namespace: dict[str, Any] | None = None) -> None:
-    """Random target logits with draft proposals that agree with the argmax for a random prefix:
-    the emitted tokens must be that prefix plus the target's correction (or bonus) token."""
-    require(greedy_verify=greedy_verify)
+def greedy_verify_cases(seed: int, cases: int) -> list[dict[str, Any]]:
+    """Random target logits with draft proposals that agree with the argmax for a prefix (all,
+    none, all but one, then random lengths), and one step with no proposals at all; each case
+    with what the reference emits and how many proposals agree."""
     g = torch.Generator().manual_seed(seed)
-    for case in range(cases):
-        gamma = 1 + case % 6
+    found = []
+    for case in range(cases + 1):
+        gamma = 0 if case == cases else 1 + case % 6
         vocab = int(torch.randint(3, 40, (), generator=g))
         logits = torch.randn(gamma + 1, vocab, generator=g) * 3
         best = logits.argmax(-1)
         agree = [gamma, 0, gamma - 1][case % 3] if case < 9 else int(
             torch.randint(0, gamma + 1, (), generator=g))
+        agree = max(agree, 0)
         proposals = best[:gamma].tolist()
         if agree < gamma:
             proposals[agree] = (proposals[agree] + 1 + int(
                 torch.randint(0, vocab - 1, (), generator=g))) % vocab
             tail = torch.randint(0, vocab, (gamma - agree - 1,), generator=g).tolist()
             proposals[agree + 1:] = tail
-        expected = ref._verify(logits, proposals, [], True, 1.0, torch.Generator())
+        emitted = ref._verify(logits, proposals, [], True, 1.0, torch.Generator())
+        found.append({"logits": logits, "proposals": proposals, "agree": agree,
+                      "emitted": emitted})
+    return found
+
+
+def check_greedy_verify(greedy_verify: Callable[..., Any], seed: int, cases: int,
+                        namespace: dict[str, Any] | None = None) -> None:
+    """The emitted tokens must be the agreeing prefix of the proposals plus the target's
+    correction (or bonus) token, on ``greedy_verify_cases(seed, cases)``."""
+    require(greedy_verify=greedy_verify)
+    for case in greedy_verify_cases(seed, cases):
+        logits, proposals, expected = case["logits"], case["proposals"], case["emitted"]
         with guard(namespace), time_limit(10, "greedy_verify"):
             got = _as_ids(greedy_verify(logits.clone(), list(proposals)), "greedy_verify")
         if got != expected:
             raise AssertionError(
-                f"greedy_verify with gamma={gamma}, proposals {proposals}, target argmax per "
-                f"row {best.tolist()}: expected {expected} (the {agree} agreeing proposals, then "
-                f"the target's token at the next position), got {got}")
+                f"greedy_verify with gamma={len(proposals)}, proposals {proposals}, target "
+                f"argmax per row {logits.argmax(-1).tolist()}: expected {expected} (the "
+                f"{case['agree']} agreeing proposals, then the target's token at the next "
+                f"position), got {got}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,6 +139,8 @@ def _distributions(seed: int, cases: int) -> list[tuple[torch.Tensor, torch.Tens
     pairs = [
         (torch.tensor([0.5, 0.5, 0.0, 0.0]), torch.tensor([0.0, 0.1, 0.4, 0.5])),
         (torch.tensor([0.1, 0.6, 0.3]), torch.tensor([0.5, 0.2, 0.3])),
+        # p == q: nothing is left over (and nothing is ever rejected); the handout says return p.
+        (torch.tensor([0.25, 0.75]), torch.tensor([0.25, 0.75])),
     ]
     for _ in range(cases):
         size = int(torch.randint(2, 12, (), generator=g))
@@ -206,37 +229,50 @@ def check_rejection_step(rejection_step: Callable[..., Any], seed: int, cases: i
 # q3: the decoding loop
 # --------------------------------------------------------------------------------------------
 
+def guarded(speculative_generate: Callable[..., Any], namespace: dict[str, Any] | None,
+            seconds: float = 30) -> Callable[..., Any]:
+    """The student's decoder, run with the reference blocked and under a time limit, as the
+    runtime's measurements (``forwards_per_token``, ``speed_table``) call a decoder."""
+    def decoder(*args: Any, **kwargs: Any) -> Any:
+        with guard(namespace), time_limit(seconds, "speculative_generate"):
+            return speculative_generate(*args, **kwargs)
+    decoder.__name__ = "speculative_generate"
+    return decoder
+
+
 def _run(speculative_generate: Callable[..., Any], *args: Any, namespace: dict[str, Any] | None,
-         seconds: float = 30, guarded: bool = True, **kwargs: Any) -> tuple[list[int], Any]:
-    with (guard(namespace) if guarded else contextlib.nullcontext()), \
-            time_limit(seconds, "speculative_generate"):
-        result = speculative_generate(*args, **kwargs)
+         seconds: float = 30, **kwargs: Any) -> tuple[list[int], Any]:
+    result = guarded(speculative_generate, namespace, seconds)(*args, **kwargs)
     if not (isinstance(result, tuple) and len(result) == 2):
-        raise AssertionError("speculative_generate should return (tokens, stats)")
+        raise AssertionError("speculative_generate should return (tokens, stats), got "
+                             f"{type(result).__name__}")
     return _as_ids(result[0], "speculative_generate"), result[1]
 
 
 def check_greedy_equals_target(speculative_generate: Callable[..., Any], gammas: Sequence[int],
-                               prompts: Sequence[str], new_tokens: int,
-                               namespace: dict[str, Any] | None = None) -> None:
-    """Greedy speculative output must be the target's greedy output, token for token."""
+                               prompts: Sequence[str | Sequence[int]], new_tokens: int,
+                               namespace: dict[str, Any] | None = None,
+                               stats: bool = True) -> None:
+    """Greedy speculative output must be the target's greedy output, token for token, after
+    each prompt (text or token ids); with ``stats``, its counters must add up too."""
     require(speculative_generate=speculative_generate)
     target, draft = shipped_pair()
     tokenizer = load_tokenizer()
     for text, gamma in itertools.product(prompts, gammas):
-        prompt = tokenizer.encode(text)
+        prompt = tokenizer.encode(text) if isinstance(text, str) else list(text)
         expected = generate(target, prompt, new_tokens)[0].tolist()
-        got, stats = _run(speculative_generate, target, draft, prompt, new_tokens, gamma=gamma,
-                          namespace=namespace)
+        got, counters = _run(speculative_generate, target, draft, prompt, new_tokens,
+                             gamma=gamma, namespace=namespace)
         if got != expected:
             first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
                          min(len(got), len(expected)))
             raise AssertionError(
-                f"prompt {text!r}, gamma={gamma}: greedy speculative decoding must reproduce "
-                f"the target's greedy output; they differ from new token {first} on "
-                f"(expected {tokenizer.decode(expected)!r}, got {tokenizer.decode(got)!r}, "
-                f"{len(got)} tokens for {len(expected)})")
-        _check_stats(stats, new_tokens, gamma)
+                f"prompt {tokenizer.decode(prompt)!r}, gamma={gamma}: greedy speculative "
+                f"decoding must reproduce the target's greedy output; they differ from new "
+                f"token {first} on (expected {tokenizer.decode(expected)!r}, got "
+                f"{tokenizer.decode(got)!r}, {len(got)} tokens for {len(expected)})")
+        if stats:
+            _check_stats(counters, new_tokens, gamma)
 
 
 def _check_stats(stats: Any, new_tokens: int, gamma: int) -> None:
@@ -328,43 +364,51 @@ def check_sampling_distribution(speculative_generate: Callable[..., Any], runs: 
 # q4, q5: theory and speed
 # --------------------------------------------------------------------------------------------
 
-def check_expected_tokens(expected_tokens_per_step: Callable[..., Any]) -> None:
+def check_expected_tokens(expected_tokens_per_step: Callable[..., Any],
+                          cases: Sequence[tuple[float, int]] | None = None) -> None:
+    """The i.i.d. formula against the reference on ``cases`` (alpha, gamma); by default a grid
+    of alphas and gammas, the edges alpha = 0 and alpha = 1 included."""
     require(expected_tokens_per_step=expected_tokens_per_step)
-    cases = list(itertools.product([0.0, 0.25, 0.6, 0.9, 0.999], [1, 2, 4, 7])) + [(1.0, 4)]
+    if cases is None:
+        cases = list(itertools.product([0.0, 0.25, 0.6, 0.9, 0.999], [1, 2, 4, 7])) + [
+            (1.0, 1), (1.0, 4), (0.5, 0), (0.37, 12), (0.999999, 3)]
     for alpha, gamma in cases:
         with time_limit(5, "expected_tokens_per_step"):
-            got = float(expected_tokens_per_step(alpha, gamma))
+            got = expected_tokens_per_step(alpha, gamma)
         expected = ref.expected_tokens_per_step(alpha, gamma)
-        assert_close(got, np.float64(expected), what=f"expected_tokens_per_step({alpha}, {gamma})",
-                     atol=1e-6, rtol=1e-6)
+        assert_close(None if got is None else float(got), np.float64(expected),
+                     what=f"expected_tokens_per_step({alpha}, {gamma})", atol=1e-6, rtol=1e-6)
 
 
-def bench_prompts(num: int = 2, chars: int = 48) -> list[list[int]]:
-    from course_reference.bench.speculative import prompts
-
-    return prompts(num, chars)
-
-
-def forwards_per_token(speculative_generate: Callable[..., Any], gamma: int = 4,
-                       new_tokens: int = 96, namespace: dict[str, Any] | None = None,
-                       guarded: bool = True) -> float:
-    """Target forward passes per generated token over the benchmark prompts."""
-    target, draft = shipped_pair()
-    generated = forwards = 0
-    for prompt in bench_prompts():
-        _, stats = _run(speculative_generate, target, draft, prompt, new_tokens, gamma=gamma,
-                        namespace=namespace, guarded=guarded)
-        generated += stats.generated
-        forwards += stats.target_forwards
-    return forwards / generated
+def public_expectations() -> dict[str, Any]:
+    """What the public tests compare with, computed by the reference when the lab is assigned:
+    q1's greedy steps, q2's residual distributions and q4's formula values."""
+    return {
+        "q1_greedy_verify": [
+            {"logits": case["logits"].tolist(), "proposals": case["proposals"],
+             "emitted": case["emitted"]}
+            for case in greedy_verify_cases(**PUBLIC_GREEDY_VERIFY)],
+        "q2_residual": [
+            {"p": p.tolist(), "q": q.tolist(), "residual": ref.residual_distribution(p, q).tolist()}
+            for p, q in _distributions(**PUBLIC_RESIDUAL)],
+        "q4_expected_tokens": [
+            {"alpha": alpha, "gamma": gamma, "tokens": ref.expected_tokens_per_step(alpha, gamma)}
+            for alpha, gamma in PUBLIC_FORMULA],
+    }
 
 
 def check_forwards_per_token(speculative_generate: Callable[..., Any], bound: float,
                              namespace: dict[str, Any] | None = None) -> None:
-    """Hardware-independent: target forward passes per generated token at gamma = 4."""
+    """Hardware-independent: target forward passes per generated token at gamma = 4 on the
+    benchmark prompts, counted by the runtime on the target model, once the greedy output on
+    those prompts has been checked."""
     require(speculative_generate=speculative_generate)
-    got = forwards_per_token(speculative_generate, namespace=namespace)
-    want = forwards_per_token(ref.speculative_generate, guarded=False)
+    check_greedy_equals_target(speculative_generate, [4], bench_prompts(), 96,
+                               namespace=namespace, stats=False)
+    target, draft = shipped_pair()
+    got = forwards_per_token(guarded(speculative_generate, namespace), target=target,
+                             draft=draft)
+    want = forwards_per_token(ref.speculative_generate, target=target, draft=draft)
     print(f"target forwards per token: yours {got:.3f}, reference {want:.3f}, target-only 1.0")
     if got > bound:
         raise AssertionError(f"your decoder ran {got:.3f} target forward passes per token at "
@@ -372,39 +416,17 @@ def check_forwards_per_token(speculative_generate: Callable[..., Any], bound: fl
                              "verify all proposals in one pass, and keep the bonus token")
 
 
-def speed_table(speculative_generate: Callable[..., Any], gamma: int = 4, rounds: int = 3,
-                new_tokens: int = 96, namespace: dict[str, Any] | None = None
-                ) -> dict[str, float]:
-    """Median seconds to decode the prompts: target-only, the reference, and yours, interleaved."""
-    target, draft = shipped_pair()
-    prompts = bench_prompts()
-
-    def timer(fn: Callable[[list[int]], Any]) -> Callable[[], float]:
-        def once() -> float:
-            start = time.perf_counter()
-            for prompt in prompts:
-                fn(prompt)
-            return time.perf_counter() - start
-        return once
-
-    def yours(prompt: list[int]) -> Any:
-        return _run(speculative_generate, target, draft, prompt, new_tokens, gamma=gamma,
-                    namespace=namespace)
-
-    times = measure_interleaved({
-        "target-only": timer(lambda p: generate(target, p, new_tokens)),
-        "reference": timer(lambda p: ref.speculative_generate(target, draft, p, new_tokens,
-                                                              gamma=gamma)),
-        "yours": timer(yours),
-    }, rounds, warmup=1)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def check_speedup(speculative_generate: Callable[..., Any], min_speedup: float,
                   max_vs_reference: float, namespace: dict[str, Any] | None = None) -> None:
-    """Speed-up over target-only decoding, and time against the reference, in one process."""
+    """Speed-up over target-only decoding, and time against the reference, measured in one
+    process on one thread, interleaved (the runtime's ``speed_table`` with the reference as a
+    third contender), once the greedy output on the timed prompts has been checked."""
     require(speculative_generate=speculative_generate)
-    t = speed_table(speculative_generate, namespace=namespace)
+    check_greedy_equals_target(speculative_generate, [4], bench_prompts(), 96,
+                               namespace=namespace, stats=False)
+    target, draft = shipped_pair()
+    t = speed_table(guarded(speculative_generate, namespace), target=target, draft=draft,
+                    others={"reference": ref.speculative_generate})
     speedup, vs_ref = t["target-only"] / t["yours"], t["yours"] / t["reference"]
     print(f"target-only {t['target-only']:.3f} s, reference {t['reference']:.3f} s, yours "
           f"{t['yours']:.3f} s: speed-up {speedup:.2f}x, {vs_ref:.2f}x the reference's time")
