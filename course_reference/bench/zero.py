@@ -16,55 +16,28 @@ rank sends per step (counted by ``course_runtime.distributed.comm``) against the
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from course_runtime.distributed import comm, launch
+from course_runtime.distributed.data_parallel import (
+    BATCH,
+    SIZES,
+    fsdp2_timer,
+    mlp,
+    optimizer_state_bytes,
+    step_timer,
+    zero_redundancy_timer,
+)
+from course_runtime.distributed.data_parallel import SPEED_LR as LR
+from course_runtime.distributed.data_parallel import SPEED_WEIGHT_DECAY as WEIGHT_DECAY
 from course_runtime.timing import device_name
 
 from ..parallel.memory import comm_volume
 from ..parallel.zero import ZeroAdamW
 from .harness import ratio_record
-
-SIZES = (256, 512, 512, 256, 10)
-BATCH = 32
-LR, WEIGHT_DECAY = 1e-3, 1e-2
-
-
-def mlp(sizes: Sequence[int] = SIZES, seed: int = 0) -> nn.Sequential:
-    """A tanh MLP with the given widths; the same seed gives the same weights on every rank."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for m, n in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(m, n), nn.Tanh()]
-    return nn.Sequential(*layers[:-1])
-
-
-def batch_for(rank: int, sizes: Sequence[int] = SIZES, batch: int = BATCH,
-              step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank ``rank``'s slice of step ``step``'s global batch (inputs, regression targets)."""
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(batch, sizes[0], generator=g), torch.randn(batch, sizes[-1], generator=g)
-
-
-def step_timer(model: nn.Module, step: Callable[[], None], rank: int,
-               sizes: Sequence[int] = SIZES) -> Callable[[], float]:
-    """One training step (forward, backward, ``step()``) of ``model``, timed; all ranks in step."""
-    x, y = batch_for(rank, sizes)
-
-    def timed() -> float:
-        comm.barrier()  # every rank starts together, so one's wait is not the next's time
-        start = time.perf_counter()
-        nn.functional.mse_loss(model(x), y).backward()
-        step()
-        return time.perf_counter() - start
-
-    return timed
 
 
 def reference_timer(stage: int, rank: int, sizes: Sequence[int] = SIZES
@@ -79,55 +52,13 @@ def reference_timer(stage: int, rank: int, sizes: Sequence[int] = SIZES
     return step_timer(model, step, rank, sizes), zero
 
 
-def zero_redundancy_timer(rank: int, sizes: Sequence[int] = SIZES
-                          ) -> tuple[Callable[[], float], Any]:
-    """DDP + ``ZeroRedundancyOptimizer(AdamW)``: PyTorch's ZeRO-1."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    from torch.nn.parallel import DistributedDataParallel
-
-    model = DistributedDataParallel(mlp(sizes))
-    optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
-                                        lr=LR, weight_decay=WEIGHT_DECAY)
-
-    def step() -> None:
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return step_timer(model, step, rank, sizes), optimizer
-
-
-def fsdp2_timer(rank: int, sizes: Sequence[int] = SIZES) -> Callable[[], float]:
-    """FSDP2: ``fully_shard`` on every linear layer, then on the model (PyTorch's ZeRO-3)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = mlp(sizes)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-
-    def step() -> None:
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return step_timer(model, step, rank, sizes)
-
-
-def optimizer_bytes(state: dict) -> int:
-    return sum(t.numel() * t.element_size() for s in state.values() for t in s.values()
-               if isinstance(t, torch.Tensor) and t.dim() > 0)
-
-
 def _measure(rank: int, world_size: int, rounds: int, warmup: int = 3) -> dict[str, Any]:
     torch.manual_seed(0)
     timers: dict[str, Callable[[], float]] = {}
     zeros: dict[int, ZeroAdamW] = {}
     for stage in (1, 2, 3):
         timers[f"zero{stage}"], zeros[stage] = reference_timer(stage, rank)
-    timers["zero_redundancy"], zro = zero_redundancy_timer(rank)
+    timers["zero_redundancy"], _, zro = zero_redundancy_timer(rank)
     timers["fsdp2"] = fsdp2_timer(rank)
     for timer in timers.values():
         for _ in range(warmup):
@@ -143,7 +74,7 @@ def _measure(rank: int, world_size: int, rounds: int, warmup: int = 3) -> dict[s
             times[name].append(timer())
     return {"times": times, "traffic": traffic,
             "optimizer_bytes": {s: z.optimizer_state_bytes() for s, z in zeros.items()},
-            "zero_redundancy_bytes": optimizer_bytes(zro.optim.state),
+            "zero_redundancy_bytes": optimizer_state_bytes(zro.optim),
             "num_params": zeros[1].num_params}
 
 
@@ -178,5 +109,4 @@ def run(rounds: int = 30, world_sizes: Sequence[int] = (2, 4)) -> list[dict[str,
     return records
 
 
-__all__ = ["batch_for", "mlp", "reference_timer", "run", "step_timer", "zero_redundancy_timer",
-           "fsdp2_timer"]
+__all__ = ["reference_timer", "run"]
