@@ -18,7 +18,7 @@ RESULTS_PATH = Path(__file__).resolve().parents[2] / "book" / "benchmarks" / "re
 def ratio_record(workload: str, ours: str, peer: str, ours_times: list[float],
                  peer_times: list[float], device: str = "cpu", world_size: int = 1,
                  **counts: Any) -> dict[str, Any]:
-    """One result in the course's benchmark format (see DESIGN.md, "Benchmarks")."""
+    """One result in the course's benchmark format (CONTRIBUTING.md, "Benchmarks")."""
     ours_s, peer_s = statistics.median(ours_times), statistics.median(peer_times)
     pairwise = sorted(o / p for o, p in zip(ours_times, peer_times))
     low, high = pairwise[len(pairwise) // 10], pairwise[-1 - len(pairwise) // 10]

@@ -251,6 +251,20 @@ def assert_sharded_training(ranks: list[dict[str, Any]], expected_params: list[n
                         "(and once its gradients are reduced)")
 
 
+def check_public_case(cls: Any, stage: int) -> None:
+    """The public test of a ZeRO stage: train ``cls`` on the lab's public MLP at the world size
+    its ``expected.json`` names, and hold it to ``assert_sharded_training`` with the traffic
+    bounds the reference computed for it."""
+    from ..testing import expected
+
+    case = expected("zero")
+    sizes, n = case["sizes"], case["world_size"]
+    ranks = train_on_ranks(cls, n, sizes)
+    assert_sharded_training(ranks, train_single_process(sizes, n, seed=0), stage=stage,
+                            num_params=case["num_params"], traffic=case["traffic"][str(stage)],
+                            label=f"Zero{stage} (MLP {'-'.join(map(str, sizes))}, N={n})")
+
+
 # -- timing against PyTorch -------------------------------------------------------------------
 
 SPEED_LR, SPEED_WEIGHT_DECAY = 1e-3, 1e-2
@@ -405,8 +419,8 @@ def speed_table(classes: dict[int, Any], world_size: int = 2, rounds: int = 5) -
     return rows
 
 
-__all__ = ["BATCH", "PEERS", "SIZES", "assert_sharded_training", "batch_for", "fsdp2_timer",
-           "global_batches", "mlp", "num_params", "optimizer_state_bytes",
-           "parameters_in_forward", "sharded_timer", "speed_table", "step_timer",
-           "storage_bytes", "time_against_pytorch", "train_on_ranks", "train_single_process",
-           "zero_redundancy_timer"]
+__all__ = ["BATCH", "PEERS", "SIZES", "assert_sharded_training", "batch_for",
+           "check_public_case", "fsdp2_timer", "global_batches", "mlp", "num_params",
+           "optimizer_state_bytes", "parameters_in_forward", "sharded_timer", "speed_table",
+           "step_timer", "storage_bytes", "time_against_pytorch", "train_on_ranks",
+           "train_single_process", "zero_redundancy_timer"]
