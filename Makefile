@@ -26,7 +26,8 @@ ASSIGN_FLAGS = $(if $(filter 0,$(CHECK)),--no-check)
 SUBMISSIONS ?= submissions
 OUT ?= grading-output
 
-.PHONY: help setup book test lab assign update-labs grade bench check lint lock clean nbgrader
+.PHONY: help setup book test lab assign update-labs grade bench check lint lock clean nbgrader \
+	release browser
 
 help:
 	@echo "make book     build the book (every notebook executed) into book/_build/html"
@@ -36,6 +37,7 @@ help:
 	@echo "make update-labs   also regenerate labs/ (refuses to overwrite a changed notebook)"
 	@echo "make grade LAB=lab01_autograd SUBMISSIONS=folder [OUT=grading-output]"
 	@echo "make bench    run the benchmarks; results in book/benchmarks/results.json"
+	@echo "make release  what students receive, in grader/dist/release (its own git repository)"
 	@echo "make nbgrader LAB=lab01_autograd   the lab as an nbgrader course in grader/dist/nbgrader"
 
 setup: $(STAMP)
@@ -53,9 +55,16 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build book --warningiserror --keep-going
 	@echo "The book: file://$(CURDIR)/book/_build/html/index.html"
 
-test: $(STAMP)
+# The book's offline test drives a real browser: Debian's Chromium, installed when missing.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+		|| { echo "the book's browser test needs Chromium (apt-get install chromium)"; exit 1; }
+
+# Tests that share a built book or a grading environment run on one worker (xdist groups).
+test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(JOBS) --durations=15 tests
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup --durations=15 tests
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=labs
@@ -71,6 +80,10 @@ update-labs: $(STAMP)
 grade: $(STAMP)
 	test -f grader/dist/$(LAB)-autograder.zip || $(BIN)/course assign $(ASSIGN_FLAGS) $(LAB)
 	$(BIN)/course grade $(LAB) $(SUBMISSIONS) --out $(OUT)
+
+# The student release: the labs, the runtime and the rendered book, and no answer.
+release: book
+	$(BIN)/course release --book book/_build/html
 
 bench: $(STAMP)
 	$(BIN)/course-bench

@@ -1,6 +1,7 @@
-# JupyterLab for students, CPU only: the course's packages at the pinned versions and the labs.
-# Build from the repository root and run:
-#     docker build -f docker/lab.Dockerfile -t ai-systems-lab .
+# JupyterLab for students, CPU only: the course's runtime at the pinned versions and the labs.
+# It is built from the student release, which holds no answer (`make release` writes it):
+#     make release
+#     docker build -f docker/lab.Dockerfile -t ai-systems-lab grader/dist/release
 #     docker run --rm -p 8888:8888 ai-systems-lab        (then open the URL it prints)
 FROM python:3.11.11-slim-bookworm
 
@@ -11,18 +12,16 @@ ENV PATH=/opt/course/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /opt/course/src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY requirements/constraints.txt requirements/constraints.txt
 COPY course_runtime course_runtime
-COPY course_reference course_reference
-COPY grader grader
 
-# torch's CPU build first, as `make setup` does on a machine without a GPU; then the course,
-# otter (the notebooks' `grader.check` cells) and JupyterLab, all at the pinned versions.
+# torch's CPU build first, as the release's `make lab` does on a machine without a GPU; then the
+# runtime with otter (the notebooks' `grader.check` cells) and JupyterLab, at the pinned versions.
 RUN python -m venv /opt/course/venv \
     && pip install --no-deps "torch==${TORCH_VERSION}" \
         --index-url https://download.pytorch.org/whl/cpu \
-    && pip install -c requirements/constraints.txt . "otter-grader[grading]" jupyterlab ipywidgets \
+    && pip install -c requirements/constraints.txt ".[lab]" \
     && pip check \
     && python -c "import torch, otter, course_runtime.data; \
 assert torch.__version__.startswith('${TORCH_VERSION}') and torch.version.cuda is None, torch.__version__"
@@ -30,6 +29,7 @@ assert torch.__version__.startswith('${TORCH_VERSION}') and torch.version.cuda i
 # The student owns their labs and nothing else.
 RUN useradd --create-home --uid 1000 --shell /bin/bash student
 COPY --chown=student:student labs /home/student/labs
+COPY --chown=student:student book /home/student/book
 USER student
 WORKDIR /home/student/labs
 

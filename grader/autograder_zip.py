@@ -17,6 +17,7 @@ that `course assign` ships adds:
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import shutil
@@ -86,6 +87,7 @@ if __name__ == "__main__":
 def course_wheel() -> Path:
     """A wheel of the course's packages from this checkout (built once per process)."""
     out = Path(tempfile.mkdtemp(prefix="course-wheel-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     src = out / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):

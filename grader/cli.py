@@ -5,6 +5,7 @@
     course grade LAB SUBMISSIONS/      grade a folder of notebooks into final_grades.csv
     course check                       labs/ in sync with solutions/, and nothing leaked
     course nbgrader LAB [--out DIR]    the lab as an nbgrader course (source/ and release/)
+    course release --book HTML [--out DIR]   what students receive, with no answer in it
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("lab")
     p.add_argument("--out", type=Path, default=None)
 
+    p = commands.add_parser("release", help="build the student release (a git repository)")
+    p.add_argument("--book", type=Path, required=True, help="the rendered book (HTML folder)")
+    p.add_argument("--out", type=Path, default=None, help="default: grader/dist/release")
+
     args = parser.parse_args(argv)
     labs = [find_lab(n) for n in getattr(args, "labs", [])] or all_labs()
 
@@ -85,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             print("run `make update-labs` and commit labs/ (or fix the leak)")
             return 1
         print(f"labs/ in sync, no leaks ({', '.join(lab.name for lab in labs)})")
+        return 0
+    if args.command == "release":
+        from .release import build_release, default_out
+        out = build_release(args.out or default_out(), args.book)
+        print(f"wrote the release {out}: a git repository with labs/, course_runtime/ and "
+              "book/; `make check` there runs the public tests")
         return 0
     if args.command == "nbgrader":
         from .nbgrader_export import export_lab

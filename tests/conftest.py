@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,28 @@ def assigned(tmp_path_factory: pytest.TempPathFactory):
 
 def lab_names() -> list[str]:
     return [lab.name for lab in all_labs()]
+
+
+class BuiltBook:
+    """The book built as `make book` builds it: fresh, every notebook executed, -W."""
+
+    def __init__(self, result: subprocess.CompletedProcess, html: Path):
+        self.result = result
+        self.html = html
+
+    def require(self) -> Path:
+        assert self.result.returncode == 0, (self.result.stdout[-6000:] +
+                                             self.result.stderr[-6000:])
+        return self.html
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory: pytest.TempPathFactory) -> BuiltBook:
+    """Built once per session; the tests that use it share an xdist group, so one worker."""
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("book")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "jupyter-book"), "build", str(repo / "book"),
+         "--warningiserror", "--keep-going", "--path-output", str(out)],
+        capture_output=True, text=True, cwd=repo, timeout=1800)
+    return BuiltBook(result, out / "_build" / "html")

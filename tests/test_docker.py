@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -366,7 +367,9 @@ def torch_problems(dockerfile: Dockerfile, cpu: bool) -> list[str]:
 
 
 def constraint_problems(dockerfile: Dockerfile,
-                        constraints: Path = REPO / "requirements" / "constraints.txt") -> list[str]:
+                        constraints: Path = REPO / "requirements" / "constraints.txt",
+                        needed: tuple[str, ...] = ("pyproject.toml", "course_runtime",
+                                                   "course_reference", "grader")) -> list[str]:
     problems = []
     pinned_names = constraint_names(constraints)
     copied = dockerfile.copied_paths()
@@ -391,10 +394,20 @@ def constraint_problems(dockerfile: Dockerfile,
                 problems.append(f"{install}: {', '.join(floating)} not pinned by the "
                                 "constraints file")
         for project in install.local:
-            for needed in ("pyproject.toml", "course_runtime", "course_reference", "grader"):
-                if f"{project}/{needed}" not in copied:
-                    problems.append(f"{install}: {project}/{needed} is not copied into the image")
+            for path in needed:
+                if f"{project}/{path}" not in copied:
+                    problems.append(f"{install}: {project}/{path} is not copied into the image")
     return problems
+
+
+ANSWER_KEY = ("course_reference", "grader", "solutions", "tests")
+
+
+def answer_key_problems(dockerfile: Dockerfile) -> list[str]:
+    """The student image must hold nothing a student must not see."""
+    return [f"{instruction}: copies {source}, which holds answers, into the student image"
+            for instruction, flags, sources, _ in dockerfile.copies()
+            for source in sources if source.rstrip("/").split("/")[0] in ANSWER_KEY]
 
 
 def _is_root(user: str) -> bool:
@@ -486,14 +499,34 @@ def image(name: str) -> Dockerfile:
     return Dockerfile.read(DOCKER / name)
 
 
+def release_context(tmp_path: Path) -> Path:
+    """The student image is built from the release: its layout, with the release's .dockerignore
+    (a release build takes minutes; the layout is what the Dockerfile can see)."""
+    from grader.release import LAYOUT, TEMPLATE
+
+    for entry in LAYOUT:
+        path = tmp_path / entry
+        if entry.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+    shutil.copy(TEMPLATE / "dockerignore", tmp_path / ".dockerignore")
+    return tmp_path
+
+
+STUDENT_NEEDS = ("pyproject.toml", "course_runtime")
+
+
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_base_images_are_pinned(name):
     assert unpinned_bases(image(name)) == []
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
-def test_copied_sources_exist_and_are_in_the_context(name):
-    assert missing_sources(image(name)) == []
+def test_copied_sources_exist_and_are_in_the_context(name, tmp_path):
+    root = release_context(tmp_path) if name == "lab.Dockerfile" else REPO
+    assert missing_sources(image(name), root) == []
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
@@ -503,11 +536,18 @@ def test_torch_is_pinned_and_from_the_right_build(name):
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_the_course_is_installed_with_the_constraints(name):
-    assert constraint_problems(image(name)) == []
+    if name == "lab.Dockerfile":
+        assert constraint_problems(image(name), needed=STUDENT_NEEDS) == []
+    else:
+        assert constraint_problems(image(name)) == []
 
 
 def test_the_lab_image_serves_jupyterlab_as_a_student():
     assert lab_problems(image("lab.Dockerfile")) == []
+
+
+def test_the_lab_image_holds_no_answer():
+    assert answer_key_problems(image("lab.Dockerfile")) == []
 
 
 @pytest.mark.parametrize("name", ["grader.Dockerfile", "grader-cuda.Dockerfile"])
@@ -555,6 +595,8 @@ CHECKS = {
     "torch-cuda": lambda d: torch_problems(d, cpu=False),
     "constraints": constraint_problems,
     "lab": lab_problems,
+    "answers": answer_key_problems,
+    "student-constraints": lambda d: constraint_problems(d, needed=STUDENT_NEEDS),
     "otter": otter_problems,
 }
 
@@ -562,8 +604,14 @@ BROKEN = [
     # (file, text to replace, replacement, check, expected problem)
     ("grader.Dockerfile", "FROM ubuntu:22.04", "FROM ubuntu", "bases", "explicit version"),
     ("grader.Dockerfile", "FROM ubuntu:22.04", "FROM ubuntu:latest", "bases", "explicit version"),
-    ("lab.Dockerfile", "COPY grader grader", "COPY graders grader", "sources", "does not exist"),
-    ("lab.Dockerfile", "COPY grader grader", "COPY .venv .venv", "sources", "excluded"),
+    ("grader.Dockerfile", "COPY grader grader", "COPY graders grader", "sources",
+     "does not exist"),
+    ("grader.Dockerfile", "COPY grader grader", "COPY .venv .venv", "sources", "excluded"),
+    ("lab.Dockerfile", "COPY course_runtime course_runtime",
+     "COPY course_runtime course_runtime\nCOPY course_reference course_reference", "answers",
+     "holds answers"),
+    ("lab.Dockerfile", "COPY course_runtime course_runtime", "", "student-constraints",
+     "course_runtime is not copied"),
     ("grader.Dockerfile", '"torch==${TORCH_VERSION}"', "torch", "torch-cpu", "pinned"),
     ("grader.Dockerfile", '"torch==${TORCH_VERSION}"', "torch>=2.4", "torch-cpu", "pinned"),
     ("grader.Dockerfile", "--index-url https://download.pytorch.org/whl/cpu", "",
@@ -578,8 +626,8 @@ BROKEN = [
     ("grader.Dockerfile", "pip install -c requirements/constraints.txt .", "pip install .",
      "constraints", "-c requirements/constraints.txt"),
     ("lab.Dockerfile", "COPY requirements/constraints.txt requirements/constraints.txt",
-     "COPY requirements/constraints.txt constraints.txt", "constraints", "not copied"),
-    ("lab.Dockerfile", "jupyterlab ipywidgets", "jupyterlab ipywidgets black", "constraints",
+     "COPY requirements/constraints.txt constraints.txt", "student-constraints", "not copied"),
+    ("lab.Dockerfile", '".[lab]"', '".[lab]" black', "student-constraints",
      "black not pinned"),
     ("grader.Dockerfile", "COPY course_reference course_reference", "", "constraints",
      "course_reference is not copied"),

@@ -1,6 +1,10 @@
-"""Every lab's tests are themselves tested: the solution scores full marks, the untouched student
-notebook scores zero on every question, and each curated buggy submission loses the points of
-the question it breaks (and only of the questions it can reach)."""
+"""Every lab's tests are themselves tested: the untouched student notebook scores zero on every
+question, and each curated buggy submission loses the points of the question it breaks (and only
+of the questions it can reach).
+
+That the solution scores full marks, and that the first curated bug of each lab loses its points,
+is proven from the autograder zip alone in tests/test_gradescope.py; grading them here again, by
+the batch grader's path, would only double the suite's longest tests."""
 
 from __future__ import annotations
 
@@ -35,20 +39,14 @@ def mutations_of(lab: str) -> list[Mutation]:
 
 
 @pytest.mark.parametrize("lab", lab_names())
-def test_solution_scores_full_marks(assigned, lab):
-    results = grade(assigned(lab), assigned(lab).solution)
-    lost = {q: s for q, s in scores(results).items() if s[0] < s[1]}
-    assert not lost, f"the solution loses points: {lost}\n{results.summary()}"
-
-
-@pytest.mark.parametrize("lab", lab_names())
 def test_untouched_student_notebook_scores_zero(assigned, lab):
     results = grade(assigned(lab), assigned(lab).student)
     earned = {q: s for q, s in scores(results).items() if s[0] > 0}
     assert not earned, f"the untouched notebook earns points: {earned}"
 
 
-CASES = [(lab, m) for lab in lab_names() for m in mutations_of(lab)]
+# The first bug of each lab is graded from its zip by tests/test_gradescope.py.
+CASES = [(lab, m) for lab in lab_names() for m in mutations_of(lab)[1:]]
 
 
 @pytest.mark.parametrize("lab,bug", CASES, ids=[f"{lab}-{m.name}" for lab, m in CASES])
