@@ -1,5 +1,6 @@
 """Pipeline schedules: validated, simulated against the bubble formula, and executed on real
-processes with gradients equal to the unsplit model's."""
+processes with gradients equal to the unsplit model's; the runtime's check of a schedule's form,
+and its harness that times a worker against torch.distributed.pipelining."""
 
 from __future__ import annotations
 
@@ -9,22 +10,31 @@ import pytest
 import torch
 from torch import nn
 
+from course_reference.bench.pipeline import stage_runner
 from course_reference.parallel.pipeline import (
     Action,
     ScheduleError,
+    advance,
     bubble_formula,
     find_deadlock,
     gpipe_schedule,
     interleaved_schedule,
     one_f_one_b_schedule,
     peak_in_flight,
-    reference_gradients,
     run_pipeline,
     schedule_problems,
     simulate,
     validate,
 )
 from course_runtime.distributed import LaunchTimeout, WorkerError
+from course_runtime.pipeline import (
+    check_structure,
+    check_worker,
+    compare_with_torch,
+    lab_batch,
+    structure_problems,
+    unsplit_gradients,
+)
 
 SIZES = [(p, m) for p in (1, 2, 3, 4, 8) for m in (1, 2, 3, 4, 7, 16)]
 SCHEDULES = {"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule}
@@ -151,7 +161,7 @@ def test_executor_gradients_match_the_unsplit_model(name, p):
     for m in (1, p, 2 * p + 1):
         xs, ys = batch(m, seed=m)
         result = run_pipeline(SCHEDULES[name](p, m), make_stage, xs, ys, nn.functional.mse_loss)
-        expected, loss = reference_gradients(make_stage, p, xs, ys, nn.functional.mse_loss)
+        expected, loss = unsplit_gradients(make_stage, p, xs, ys, nn.functional.mse_loss)
         assert_same_gradients(result.grads, expected)
         assert sum(result.losses) / m == pytest.approx(loss, rel=1e-5)
         peaks = result.timeline.peak_in_flight
@@ -163,7 +173,7 @@ def test_interleaved_executor_gradients_match():
     xs, ys = batch(m)
     result = run_pipeline(interleaved_schedule(p, m, v), make_stage, xs, ys,
                           nn.functional.mse_loss, chunks=v)
-    expected, _ = reference_gradients(make_stage, p * v, xs, ys, nn.functional.mse_loss)
+    expected, _ = unsplit_gradients(make_stage, p * v, xs, ys, nn.functional.mse_loss)
     assert_same_gradients(result.grads, expected)
 
 
@@ -175,7 +185,7 @@ def test_repeated_steps_reuse_buffers_without_mixing_steps(name):
     xs, ys = batch(m, seed=5)
     result = run_pipeline(SCHEDULES[name](p, m), make_stage, xs, ys, nn.functional.mse_loss,
                           steps=3)
-    expected, loss = reference_gradients(make_stage, p, xs, ys, nn.functional.mse_loss)
+    expected, loss = unsplit_gradients(make_stage, p, xs, ys, nn.functional.mse_loss)
     assert_same_gradients(result.grads, expected)
     assert sum(result.losses) / m == pytest.approx(loss, rel=1e-5)
 
@@ -192,7 +202,7 @@ def test_executor_sends_do_not_wait_for_the_receiver():
     xs, ys = batch(m, seed=6)
     result = run_pipeline(schedule, make_stage, xs, ys, nn.functional.mse_loss, check=False,
                           timeout=20)
-    expected, _ = reference_gradients(make_stage, 2, xs, ys, nn.functional.mse_loss)
+    expected, _ = unsplit_gradients(make_stage, 2, xs, ys, nn.functional.mse_loss)
     assert_same_gradients(result.grads, expected)
 
 
@@ -228,3 +238,62 @@ def test_deadlocking_schedule_on_real_processes_fails_in_bounded_time():
     message = str(info.value)
     assert "rank 0" in message and "waiting in recv((3, 6), src=1" in message, message
     assert time.monotonic() - start < 30
+
+
+# -- the runtime: a schedule's form, and the harnesses ------------------------------------------
+
+def test_the_runtime_checks_the_form_and_leaves_deadlocks_to_the_lab():
+    schedule = one_f_one_b_schedule(2, 3)
+    k = schedule[0].index(Action("recv_bwd", 0))
+    schedule[0][k], schedule[0][k + 1] = schedule[0][k + 1], schedule[0][k]
+    assert structure_problems(schedule, 3) == []
+    assert check_structure(schedule, 3) == schedule
+    with pytest.raises(ScheduleError, match="deadlock"):
+        validate(schedule, 3)
+    broken = gpipe_schedule(2, 2)
+    broken[1].remove(Action("recv_fwd", 1))
+    assert structure_problems(broken, 2) == schedule_problems(broken, 2)
+    with pytest.raises(ScheduleError, match="recv_fwd.1. is missing"):
+        check_structure(broken, 2)
+
+
+def test_one_loop_runs_a_schedule_blocking_or_buffered():
+    # Both neighbours send first: stuck under blocking sends, finished when sends are buffered.
+    schedule = one_f_one_b_schedule(2, 3)
+    k = schedule[0].index(Action("recv_bwd", 0))
+    schedule[0][k], schedule[0][k + 1] = schedule[0][k + 1], schedule[0][k]
+    assert advance(schedule) == [3, 3]
+    assert advance(schedule, buffered=True) == [len(actions) for actions in schedule]
+    matched = []
+    advance(gpipe_schedule(2, 2), transfer=lambda r, a, peer, partner: matched.append(
+        (r, str(a), peer, str(partner))))
+    assert matched == [(0, "send_fwd(0)", 1, "recv_fwd(0)"), (0, "send_fwd(1)", 1, "recv_fwd(1)"),
+                       (1, "send_bwd(0)", 0, "recv_bwd(0)"), (1, "send_bwd(1)", 0, "recv_bwd(1)")]
+
+
+def _scaled_worker(scale):
+    """A worker that runs the reference executor and returns its gradients times ``scale``."""
+    def worker(rank, world_size, schedule, make_stage, microbatches, targets, loss_fn):
+        step = stage_runner(rank, world_size, schedule, make_stage, microbatches, targets)
+        return {name: scale * grad for name, grad in step().items()}
+    return worker
+
+
+def test_the_runtime_compares_a_worker_with_the_unsplit_model():
+    m = 3
+    cases = [(f"{name}", build(2, m), *lab_batch(m, seed=1)) for name, build in SCHEDULES.items()]
+    check_worker(_scaled_worker(1.0), 2, cases)
+    with pytest.raises(AssertionError, match="3x too large"):
+        check_worker(_scaled_worker(3.0), 2, cases)
+
+
+def test_the_runtime_times_a_worker_against_torch_and_checks_its_gradients():
+    kwargs = dict(world_size=2, num_microbatches=4, rounds=2, make_stage=make_stage,
+                  width=WIDTH, batch=8)
+    right = compare_with_torch(None, one_f_one_b_schedule, runner=stage_runner, **kwargs)
+    assert len(right["yours"]) == len(right["torch"]) == 2
+    assert right["difference"] < 1e-6
+    wrong = compare_with_torch(_scaled_worker(4.0), one_f_one_b_schedule(2, 4), **kwargs)
+    assert wrong["difference"] == pytest.approx(3.0, rel=1e-4)
+    with pytest.raises(ScheduleError, match="is missing"):
+        compare_with_torch(_scaled_worker(1.0), [one_f_one_b_schedule(2, 4)[0], []], **kwargs)

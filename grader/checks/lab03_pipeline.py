@@ -1,11 +1,16 @@
-"""Checks for Lab 3 (1F1B pipeline), called by the lab's public and hidden tests.
+"""Checks for Lab 3 (1F1B pipeline), called by the lab's hidden tests.
 
 Schedules are judged three ways: valid (the reference validator: every dependency, every send
 matched, no deadlock under blocking sends), the activations they hold (1F1B: at most p
 microbatches), and their bubble (the simulated bubble equals (p - 1) / (m + p - 1), so a valid
 schedule that stalls is caught). The executor is run on real processes with the *reference*
 schedules, so that a wrong schedule (q1, q2) does not cost points on the executor (q5), and its
-gradients are compared with the unsplit model's in one process.
+gradients are compared with the unsplit model's in one process (the runtime's harness,
+``course_runtime.pipeline``, which the public tests use too).
+
+The public tests compare with ``public_expectations()``: what the reference computes for their
+cases, shipped with the lab as data. The hidden tests rerun those cases (``*_fixed_hidden``), so
+they alone decide the grade.
 """
 
 from __future__ import annotations
@@ -14,51 +19,42 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from course_reference.bench.pipeline import compare_with_torch, measured_bubble
 from course_reference.parallel import pipeline as ref
-from course_runtime.distributed import LaunchTimeout, WorkerError, launch
+from course_reference.parallel.pipeline import executor, order, schedules, simulation, validation
+from course_runtime import pipeline as runtime
+from course_runtime.pipeline import COMPUTE, Action, compare_with_torch, lab_batch, measured_bubble
 from course_runtime.testing import assert_close, require, time_limit
 from grader.checks import check_ratio, forbid
 
-FORBIDDEN = [
-    "course_reference.parallel.pipeline.gpipe_schedule",
-    "course_reference.parallel.pipeline.one_f_one_b_schedule",
-    "course_reference.parallel.pipeline.interleaved_schedule",
-    "course_reference.parallel.pipeline.add_communication",
-    "course_reference.parallel.pipeline.find_deadlock",
-    "course_reference.parallel.pipeline.schedule_problems",
-    "course_reference.parallel.pipeline.simulate",
-    "course_reference.parallel.pipeline.peak_in_flight",
-    "course_reference.parallel.pipeline.pipeline_worker",
-    "course_reference.parallel.pipeline.run_pipeline",
-    "course_reference.parallel.pipeline.StageRunner.step",
-]
+
+def _paths(function: Any) -> list[str]:
+    """The paths ``forbid`` patches for a reference function: where it is defined, read from
+    the function itself so that it follows a move, and where the package re-exports it."""
+    return [f"{function.__module__}.{function.__qualname__}",
+            f"{ref.__name__}.{function.__qualname__}"]
+
+
+FORBIDDEN = [path for function in (
+    schedules.gpipe_schedule, schedules.one_f_one_b_schedule, schedules.interleaved_schedule,
+    schedules.add_communication, order.advance, validation.find_deadlock,
+    validation.schedule_problems, validation.validate, simulation.simulate,
+    simulation.peak_in_flight, executor.pipeline_worker, executor.run_pipeline,
+    executor.StageRunner.step) for path in _paths(function)]
 REASON = ("Lab 3 asks you to write the schedules, the deadlock check, the simulator and the "
           "executor yourself; course_reference.parallel.pipeline is what yours is checked against")
 
-WIDTH = 8
+# The public tests' cases; the hidden tests rerun them (``*_fixed_hidden``).
+PUBLIC_GPIPE = [(2, 1), (2, 3), (4, 8)]
+PUBLIC_ONE_F_ONE_B = [(2, 1), (2, 4), (4, 8)]
+PUBLIC_WORKER = {"world_size": 2, "ms": [1, 2, 5], "seed": 0}
+PUBLIC_SPEED = {"bound": 5.0}
+SPEED_CHECK = {"world_size": 2, "ms": [3], "seed": 600}  # the worker is checked before timing
+SPEED_SIZE = (2, 4)  # (ranks, microbatches) timed against Schedule1F1B
 
 
 def guard(namespace: dict[str, Any] | None = None) -> Any:
     return forbid(FORBIDDEN, REASON, namespace)
-
-
-def make_stage(stage: int) -> nn.Module:
-    """The lab's model stage s: Linear(8, 8) and tanh, seeded by s (every process builds the
-    same one). Activations keep the shape of a microbatch, (rows, 8)."""
-    torch.manual_seed(3000 + stage)
-    return nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh())
-
-
-def lab_batch(m: int, rows: int = 4, seed: int = 0) -> tuple[list[torch.Tensor],
-                                                              list[torch.Tensor]]:
-    """m microbatches of ``rows`` rows, and their regression targets."""
-    g = torch.Generator().manual_seed(seed)
-    return ([torch.randn(rows, WIDTH, generator=g) for _ in range(m)],
-            [torch.randn(rows, WIDTH, generator=g) for _ in range(m)])
 
 
 def random_sizes(seed: int, cases: int, max_stages: int = 8, max_microbatches: int = 20
@@ -95,7 +91,7 @@ def check_schedule(build: Callable[[int, int], Any], kind: str, sizes: Sequence[
         peaks = ref.peak_in_flight(plan)
         if kind == "gpipe":
             for s, actions in enumerate(plan):
-                ops = [a.op for a in actions if a.op in ref.COMPUTE]
+                ops = [a.op for a in actions if a.op in COMPUTE]
                 if "F" in ops[ops.index("B"):]:
                     raise AssertionError(f"{name}({p}, {m}): stage {s} runs a forward after a "
                                          f"backward; GPipe runs every forward first")
@@ -117,16 +113,16 @@ def check_schedule(build: Callable[[int, int], Any], kind: str, sizes: Sequence[
 
 # -- q3: deadlock detection ----------------------------------------------------------------------
 
-def _swap(schedule: list[list[ref.Action]], stage: int, index: int) -> list[list[ref.Action]]:
+def _swap(schedule: list[list[Action]], stage: int, index: int) -> list[list[Action]]:
     plan = [list(actions) for actions in schedule]
     plan[stage][index], plan[stage][index + 1] = plan[stage][index + 1], plan[stage][index]
     return plan
 
 
-def deadlock_cases(seed: int | None) -> list[tuple[str, list[list[ref.Action]]]]:
+def deadlock_cases(seed: int | None) -> list[tuple[str, list[list[Action]]]]:
     """Fixed cases (seed None), or random swaps of neighbouring actions in the reference
     schedules (some deadlock, some do not)."""
-    A = ref.Action
+    A = Action
     recv_cycle = [[A("recv_bwd", 0), A("F", 0), A("send_fwd", 0), A("B", 0)],
                   [A("recv_fwd", 0), A("F", 0), A("B", 0), A("send_bwd", 0)]]
     send_first = ref.one_f_one_b_schedule(2, 3)
@@ -155,16 +151,21 @@ def deadlock_cases(seed: int | None) -> list[tuple[str, list[list[ref.Action]]]]
     return cases + random_cases
 
 
+def expected_deadlock(plan: list[list[Action]]) -> dict[int, Action]:
+    """The reference's answer: every stage that can never finish, and the action it waits at."""
+    return {r: a for r, (_, a) in ref.find_deadlock(plan).items()}
+
+
 def check_find_deadlock(find_deadlock: Callable[[Any], Any], seed: int | None,
                         namespace: dict[str, Any] | None = None) -> None:
     require(find_deadlock=find_deadlock)
     for name, plan in deadlock_cases(seed):
-        expected = {r: a for r, (_, a) in ref.find_deadlock(plan).items()}
+        expected = expected_deadlock(plan)
         with guard(namespace), time_limit(10, f"find_deadlock on {name}"):
             got = find_deadlock([list(actions) for actions in plan])
         got = {} if got is None else got
         try:
-            got = {int(r): ref.Action(*a) for r, a in dict(got).items()}
+            got = {int(r): Action(*a) for r, a in dict(got).items()}
         except (TypeError, ValueError) as error:
             raise AssertionError(f"find_deadlock on {name}: expected a dict stage -> the action "
                                  f"it is stuck at, got {got!r} ({error})") from None
@@ -181,7 +182,7 @@ def simulation_cases(seed: int | None) -> list[tuple[str, Any, list[float], list
         return [("gpipe(3, 4)", ref.gpipe_schedule(3, 4), [1.0] * 3, [2.0] * 3),
                 ("1f1b(4, 8)", ref.one_f_one_b_schedule(4, 8), [1.0] * 4, [2.0] * 4)]
     rng = np.random.default_rng(seed)
-    A = ref.Action
+    A = Action
     # Valid but stalling: stage 0 sends before it receives, and so waits on a busy stage 1.
     stalling = ref.one_f_one_b_schedule(2, 4)
     stalling[0] = [a for a in stalling[0] if a.op != "send_fwd"]
@@ -200,6 +201,12 @@ def simulation_cases(seed: int | None) -> list[tuple[str, Any, list[float], list
     return cases
 
 
+def compute_events(timeline: Any) -> dict[tuple[int, str, int], tuple[float, float]]:
+    """(stage, op, microbatch) -> (start, end) of every forward and backward of a timeline."""
+    return {(e.stage, e.op, e.microbatch): (e.start, e.end) for e in timeline.events
+            if e.op in COMPUTE}
+
+
 def check_simulate(simulate: Callable[..., Any], bubble_fraction: Callable[..., Any],
                    peak_in_flight: Callable[..., Any], seed: int | None,
                    namespace: dict[str, Any] | None = None) -> None:
@@ -213,13 +220,12 @@ def check_simulate(simulate: Callable[..., Any], bubble_fraction: Callable[..., 
             peaks = peak_in_flight([list(a) for a in plan])
         try:
             got = {(int(e[0]), str(e[1]), int(e[2])): (float(e[-2]), float(e[-1]))
-                   for e in events if e[1] in ref.COMPUTE}
+                   for e in events if e[1] in COMPUTE}
         except (TypeError, IndexError, ValueError) as error:
             raise AssertionError(f"simulate on {name}: expected a list of (stage, op, "
                                  f"microbatch, start, end), got {str(events)[:200]} "
                                  f"({error})") from None
-        expected = {(e.stage, e.op, e.microbatch): (e.start, e.end) for e in reference.events
-                    if e.op in ref.COMPUTE}
+        expected = compute_events(reference)
         if set(got) != set(expected):
             missing = sorted(set(expected) - set(got))[:4]
             raise AssertionError(f"simulate on {name}: expected one event per forward and "
@@ -239,14 +245,12 @@ def check_simulate(simulate: Callable[..., Any], bubble_fraction: Callable[..., 
 
 # -- q5: the executor ----------------------------------------------------------------------------
 
-def _run_cases(rank: int, world_size: int, worker: Callable[..., Any],
-               cases: list[tuple[str, list, list, list]]) -> list[dict[str, torch.Tensor]]:
-    results = []
-    for _, schedule, xs, ys in cases:
-        grads = worker(rank, world_size, schedule, make_stage, xs, ys, nn.functional.mse_loss)
-        results.append({name: torch.as_tensor(g).detach().clone()
-                        for name, g in dict(grads).items()})
-    return results
+def worker_cases(world_size: int, ms: Sequence[int], seed: int
+                 ) -> list[tuple[str, list[list[Action]], int, int]]:
+    """(name, reference schedule, m, seed of ``lab_batch``): GPipe and 1F1B for each m."""
+    return [(f"{kind} with p = {world_size}, m = {m}", build(world_size, m), m, seed + m)
+            for m in ms for kind, build in (("gpipe", ref.gpipe_schedule),
+                                            ("1f1b", ref.one_f_one_b_schedule))]
 
 
 def check_worker(pipeline_worker: Callable[..., Any], world_size: int, ms: Sequence[int],
@@ -254,41 +258,9 @@ def check_worker(pipeline_worker: Callable[..., Any], world_size: int, ms: Seque
     """Run the student's worker on ``world_size`` processes with the reference GPipe and 1F1B
     schedules, and compare its gradients with the unsplit model's."""
     require(pipeline_worker=pipeline_worker)
-    cases = []
-    for m in ms:
-        xs, ys = lab_batch(m, seed=seed + m)
-        for kind, build in (("gpipe", ref.gpipe_schedule), ("1f1b", ref.one_f_one_b_schedule)):
-            cases.append((f"{kind} with p = {world_size}, m = {m}", build(world_size, m), xs, ys))
-    try:
-        with guard(namespace):
-            results = launch(_run_cases, world_size, pipeline_worker, cases, timeout=90,
-                             group_timeout=20, threads=1)
-    except LaunchTimeout as error:
-        raise AssertionError(f"pipeline_worker did not finish on {world_size} processes: "
-                             f"{error}") from None
-    except WorkerError as error:
-        raise AssertionError(f"pipeline_worker failed on rank {error.rank} with "
-                             f"{error.error_type}:\n{error.remote_traceback[-1500:]}") from None
-    for index, (name, _, xs, ys) in enumerate(cases):
-        expected, _ = ref.reference_gradients(make_stage, world_size, xs, ys,
-                                              nn.functional.mse_loss)
-        for rank in range(world_size):
-            got = results[rank][index]
-            for param, grad in expected.items():
-                stage, _, local = param.partition(".")
-                if int(stage) != rank:
-                    continue
-                if local not in got:
-                    raise AssertionError(f"{name}: rank {rank} returned no gradient for "
-                                         f"{local!r} (it returned {sorted(got)})")
-                actual = got[local].numpy()
-                hint = ""
-                ratio = float(np.sum(actual * grad.numpy()) / max(np.sum(grad.numpy() ** 2), 1e-30))
-                if len(xs) > 1 and abs(ratio - len(xs)) < 0.01 * len(xs):
-                    hint = (f" (yours is {len(xs)}x too large: the loss of the batch is the "
-                            f"mean over microbatches, so divide each microbatch's loss by m)")
-                assert_close(actual, grad.numpy(), what=f"{name}: gradient of stage {rank}'s "
-                             f"{local}{hint}", atol=1e-6, rtol=1e-4)
+    cases = [(name, plan, *lab_batch(m, seed=batch_seed))
+             for name, plan, m, batch_seed in worker_cases(world_size, ms, seed)]
+    runtime.check_worker(pipeline_worker, world_size, cases, guard=lambda: guard(namespace))
 
 
 # -- q6: speed -----------------------------------------------------------------------------------
@@ -296,13 +268,23 @@ def check_worker(pipeline_worker: Callable[..., Any], world_size: int, ms: Seque
 def check_speed(pipeline_worker: Callable[..., Any], bound: float,
                 namespace: dict[str, Any] | None = None) -> float:
     """Step time of the student's executor over ``torch.distributed.pipelining``'s
-    Schedule1F1B, same stages, same processes, interleaved (2 ranks, 4 microbatches). A worker
-    must first be right (q5's check on 2 ranks): a fast wrong answer earns nothing."""
-    check_worker(pipeline_worker, world_size=2, ms=[3], seed=600, namespace=namespace)
+    Schedule1F1B, same stages, same processes, interleaved (2 ranks, 4 microbatches, the
+    reference 1F1B schedule). A worker must first be right (q5's check on 2 ranks, and its
+    gradients in the timed steps equal PyTorch's): a fast wrong answer earns nothing."""
+    check_worker(pipeline_worker, **SPEED_CHECK, namespace=namespace)
+    plan = ref.one_f_one_b_schedule(*SPEED_SIZE)
     with guard(namespace):
-        times = compare_with_torch(2, 4, "1f1b", rounds=6, worker=pipeline_worker, timeout=120)
-    return check_ratio(times["ours"], times["torch"], what="1F1B pipeline step",
+        times = compare_with_torch(pipeline_worker, plan, *SPEED_SIZE, rounds=6, timeout=120)
+    _check_difference(times["difference"], "timed")
+    return check_ratio(times["yours"], times["torch"], what="1F1B pipeline step",
                        peer_name="torch.distributed.pipelining", bound=bound)
+
+
+def _check_difference(difference: float, what: str) -> None:
+    if not difference < 1e-4:
+        raise AssertionError(f"in the {what} steps your gradients differ from "
+                             f"torch.distributed.pipelining's by {difference:.3g} (relative to "
+                             f"the largest): a step only counts when it is right")
 
 
 def check_bubble(pipeline_worker: Callable[..., Any], world_size: int, m: int,
@@ -312,15 +294,66 @@ def check_bubble(pipeline_worker: Callable[..., Any], world_size: int, m: int,
     pipeline that runs one stage at a time. The worker must first be right, as in
     ``check_speed``."""
     check_worker(pipeline_worker, world_size=2, ms=[3], seed=601, namespace=namespace)
+    plan = ref.one_f_one_b_schedule(world_size, m)
     with guard(namespace):
-        bubbles = measured_bubble(world_size, m, "1f1b", forward_s=0.01, rounds=2,
-                                  worker=pipeline_worker)
+        bubbles = measured_bubble(pipeline_worker, plan, world_size, m, forward_s=0.01,
+                                  rounds=2)
+    _check_difference(bubbles["difference"], "measured")
     theory = ref.bubble_formula(world_size, m)
     serial = 1 - 1 / world_size
-    print(f"measured bubble: yours {bubbles['ours']:.3f}, torch.distributed.pipelining "
+    print(f"measured bubble: yours {bubbles['yours']:.3f}, torch.distributed.pipelining "
           f"{bubbles['torch']:.3f}, theory {theory:.3f}")
-    if bubbles["ours"] > (theory + serial) / 2:
-        raise AssertionError(f"your measured bubble is {bubbles['ours']:.3f}: closer to a "
+    if bubbles["yours"] > (theory + serial) / 2:
+        raise AssertionError(f"your measured bubble is {bubbles['yours']:.3f}: closer to a "
                              f"pipeline that runs one stage at a time ({serial:.3f}) than to "
                              f"1F1B's (p - 1) / (m + p - 1) = {theory:.3f}")
-    return bubbles["ours"]
+    return bubbles["yours"]
+
+
+# -- what the public tests compare with -----------------------------------------------------------
+
+def public_expectations() -> dict[str, Any]:
+    """What the public tests compare with, computed by the reference when the lab is assigned:
+    q1's GPipe schedules, q2's 1F1B compute order per stage, q3's deadlocks, q4's simulated
+    timelines, and the reference schedules (with their batches' seeds) that q5 and q6 run."""
+    def schedule_data(plan: Sequence[Sequence[Action]]) -> list[list[list[Any]]]:
+        return [[list(a) for a in actions] for actions in plan]
+
+    def worker_data(world_size: int, ms: Sequence[int], seed: int) -> dict[str, Any]:
+        return {"world_size": world_size, "cases": [
+            {"name": name, "schedule": schedule_data(plan), "num_microbatches": m, "seed": s}
+            for name, plan, m, s in worker_cases(world_size, ms, seed)]}
+
+    simulated = []
+    for name, plan, fwd, bwd in simulation_cases(None):
+        timeline = ref.simulate(plan, fwd, bwd)
+        simulated.append({
+            "name": name, "schedule": schedule_data(plan), "forward_cost": fwd,
+            "backward_cost": bwd, "bubble": timeline.bubble_fraction,
+            "peak_in_flight": timeline.peak_in_flight,
+            "events": [[*key, *span] for key, span in sorted(compute_events(timeline).items())]})
+    p, m = SPEED_SIZE
+    return {
+        "q1_gpipe": [{"num_stages": p, "num_microbatches": m,
+                      "schedule": schedule_data(ref.gpipe_schedule(p, m))}
+                     for p, m in PUBLIC_GPIPE],
+        "q2_one_f_one_b": [
+            {"num_stages": p, "num_microbatches": m,
+             "compute": [[list(a) for a in actions if a.op in COMPUTE]
+                         for actions in ref.one_f_one_b_schedule(p, m)]}
+            for p, m in PUBLIC_ONE_F_ONE_B],
+        "q3_deadlock": [
+            {"name": name, "schedule": schedule_data(plan),
+             "stuck": [[r, list(a)] for r, a in sorted(expected_deadlock(plan).items())]}
+            for name, plan in deadlock_cases(None)],
+        "q4_simulate": simulated,
+        "q5_worker": worker_data(**PUBLIC_WORKER),
+        "q6_speed": {"check": worker_data(**SPEED_CHECK), "num_stages": p,
+                     "num_microbatches": m, **PUBLIC_SPEED,
+                     "schedule": schedule_data(ref.one_f_one_b_schedule(p, m))},
+    }
+
+
+__all__ = ["check_bubble", "check_find_deadlock", "check_schedule", "check_simulate",
+           "check_speed", "check_worker", "deadlock_cases", "public_expectations",
+           "random_sizes", "simulation_cases", "worker_cases"]

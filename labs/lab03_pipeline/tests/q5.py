@@ -5,9 +5,13 @@ OK_FORMAT = False
 name = "q5"
 points = 12
 
-@test_case(points=4, hidden=False, 
+@test_case(points=0, hidden=False, 
     success_message="on 2 processes, your gradients equal the unsplit model's")
-def test_worker_public(pipeline_worker, env):
-    from grader.checks.lab03_pipeline import check_worker
-    check_worker(pipeline_worker, world_size=2, ms=[1, 2, 5], seed=0, namespace=env)
+def test_worker_public(pipeline_worker):
+    from course_runtime.pipeline import check_worker, lab_batch
+    from course_runtime.testing import expected, require
+    require(pipeline_worker=pipeline_worker)
+    data = expected('q5_worker')
+    cases = [(c['name'], c['schedule'], *lab_batch(c['num_microbatches'], seed=c['seed'])) for c in data['cases']]
+    check_worker(pipeline_worker, data['world_size'], cases)
 
