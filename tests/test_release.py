@@ -55,8 +55,9 @@ def release_python(release, tmp_path_factory) -> Path:
 
 def test_the_release_holds_only_what_students_receive(release):
     top = {p.name for p in release.iterdir()}
-    assert top == {".git", ".gitignore", ".course-release", "README.md", "Makefile",
-                   "pyproject.toml", "requirements", "labs", "course_runtime", "book"}, top
+    assert top == {".git", ".gitignore", ".dockerignore", ".course-release", "README.md",
+                   "Makefile", "pyproject.toml", "requirements", "labs", "course_runtime",
+                   "book"}, top
     assert sorted(p.name for p in (release / "labs").iterdir()) == lab_names()
     status = subprocess.run(["git", "status", "--porcelain"], cwd=release, capture_output=True,
                             text=True, check=True).stdout
