@@ -91,6 +91,13 @@ def storage_bytes(params: Sequence[torch.Tensor]) -> int:
     return sum(storages.values())
 
 
+def padded_bytes(params: Sequence[torch.Tensor], world_size: int) -> int:
+    """Bytes of ``params`` gathered whole as one unit: their elements, padded to a multiple of
+    ``world_size``."""
+    numel = sum(p.numel() for p in params)
+    return -(-numel // world_size) * world_size * params[0].element_size()
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer's per-parameter tensors (AdamW: momentum and variance; the step
     counter, a scalar, does not count)."""
@@ -153,14 +160,28 @@ def _train_rank(rank: int, world_size: int, cls: Any, sizes: Sequence[int], seed
         opt = cls(model, lr=LR, weight_decay=WEIGHT_DECAY)
     optimizer = _sharded_optimizer(opt, cls)
     out: dict[str, Any] = {"traffic": [], "grad_shards": [], "grads_left": [],
-                           "after_forward": [], "after_step": []}
+                           "after_forward": [], "after_backward": [], "after_step": [],
+                           "in_forward": []}
+    # While each module's forward runs (a pre-hook registered after the optimizer's own, so it
+    # sees what they gathered): the bytes of parameters held, and that module's share of them.
+    in_forward: list[tuple[int, int]] = []
+
+    def observe(module: nn.Module, args: Any) -> None:
+        own = list(module.parameters(recurse=False))
+        if own:
+            in_forward.append((storage_bytes(params), padded_bytes(own, world_size)))
+
+    handles = [m.register_forward_pre_hook(observe) for m in model.modules()]
     mine = slice(rank * SLICE, (rank + 1) * SLICE)
     batches = global_batches(sizes, world_size, seed, steps)
     for x, y in batches:
+        in_forward.clear()
         with comm.counting() as counted, guard():
             loss = nn.functional.mse_loss(model(x[mine]), y[mine])
             out["after_forward"].append(storage_bytes(params))
+            out["in_forward"].append(list(in_forward))
             loss.backward()
+            out["after_backward"].append(storage_bytes(params))
             out["grads_left"].append(sum(p.grad is not None for p in params))
             opt.step()
         out["traffic"].append(dict(counted.bytes_sent))
@@ -168,6 +189,8 @@ def _train_rank(rank: int, world_size: int, cls: Any, sizes: Sequence[int], seed
         out["after_step"].append(storage_bytes(params))
         with guard():
             opt.zero_grad()
+    for handle in handles:
+        handle.remove()
     out["state_bytes"] = optimizer_state_bytes(optimizer)
     out["params"] = parameters_in_forward(model, batches[0][0][mine], guard)
     return out
@@ -206,7 +229,8 @@ def assert_sharded_training(ranks: list[dict[str, Any]], expected_params: list[n
     each rank ends with ``expected_params`` (single-process AdamW), holds 1/N of the AdamW state
     (within 5 %), sends between ``traffic[0]`` and ``traffic[1]`` bytes per step (the paper's
     volume, and that volume with the padding); from stage 2 no full gradient outlives the
-    backward, and at stage 3 no gathered parameter outlives the forward or the step.
+    backward, and at stage 3 no gathered parameter outlives the forward, the backward or the
+    step, and no more than the running module's unit and one other is whole during the forward.
     """
     world_size = len(ranks)
     low, high = traffic
@@ -243,12 +267,26 @@ def assert_sharded_training(ranks: list[dict[str, Any]], expected_params: list[n
                 "and drops it (set p.grad = None), keeping only this rank's shard")
         if stage == 3:
             for when, held in (("forward", result["after_forward"]),
+                               ("backward", result["after_backward"]),
                                ("step", result["after_step"])):
                 if any(held):
                     raise AssertionError(
                         f"{label}: rank {rank} still holds {max(held)} bytes of gathered "
                         f"parameters after the {when}; free each unit once its module has run "
                         "(and once its gradients are reduced)")
+            for step, observed in enumerate(result["in_forward"]):
+                units = [own for _, own in observed]
+                for module, (held, own) in enumerate(observed):
+                    # This module's unit, and at most one other (a prefetch), may be whole.
+                    others = units[:module] + units[module + 1:]
+                    allowed = own + max(others, default=0)
+                    if held > allowed:
+                        raise AssertionError(
+                            f"{label}: rank {rank} held {held} bytes of gathered parameters "
+                            f"while module {module} ran its forward in step {step + 1}, whose "
+                            f"own unit is {own} bytes; ZeRO-3 gathers a unit just before its "
+                            "module runs and frees it right after, so that at most one layer "
+                            "(and one prefetched) is whole at a time")
 
 
 def check_public_case(cls: Any, stage: int) -> None:

@@ -30,6 +30,27 @@ def check_ratio(yours: list[float], peer: list[float], *, what: str, peer_name: 
     return ratio
 
 
+@contextlib.contextmanager
+def counted_forwards(**models: Any) -> Iterator[dict[str, list[int]]]:
+    """Record every forward pass of each model (a ``torch.nn.Module``) in the block: per model,
+    the batch size of each call's first argument (0 when it has no shape). A count a submission
+    reports about its model calls is checked against these, never taken on trust."""
+    calls: dict[str, list[int]] = {name: [] for name in models}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            shape = getattr(args[0], "shape", None) if args else None
+            calls[name].append(int(shape[0]) if shape else 0)
+        return hook
+
+    hooks = [model.register_forward_hook(recorder(name)) for name, model in models.items()]
+    try:
+        yield calls
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 class ForbiddenCall(Exception):
     """A student's code called the library it was asked to re-implement."""
 

@@ -52,6 +52,8 @@ def _values(rng: np.random.Generator, shape: tuple[int, ...], domain: str) -> np
         x = rng.uniform(0.5, 2.0, shape) * rng.choice([-1.0, 1.0], shape)
     elif domain == "wide":
         x = rng.standard_normal(shape) * 30.0
+    elif domain == "ties":  # a few small integers: maxima are shared, the tie rule matters
+        x = rng.integers(-1, 2, shape)
     else:
         x = rng.standard_normal(shape)
     return np.asarray(x, dtype=np.float32)
@@ -141,7 +143,17 @@ def op_cases(group: str, rng: np.random.Generator | None = None) -> list[OpCase]
             OpCase(f"max {shape} axis=-1 keepdims", [shape],
                    lambda x: x.max(axis=-1, keepdims=True),
                    lambda x: x.amax(dim=-1, keepdim=True)),
-        ]
+        ] + ([] if rng is None else [
+            # Ties: torch gives each of k tied maxima 1/k of the gradient.
+            OpCase(f"max {shape} axis={axis} with ties", [shape], lambda x: x.max(axis=axis),
+                   lambda x: x.amax(dim=axis), ["ties"]),
+            OpCase(f"max {shape} with ties", [shape], lambda x: x.max() * 1.0,
+                   lambda x: x.amax() * 1.0, ["ties"]),
+            # A 0-d tensor: no axis to reduce, one element to count.
+            OpCase("mean of a 0-d tensor", [()], lambda x: x.mean() * 3.0,
+                   lambda x: x.mean() * 3.0),
+            OpCase("sum of a 0-d tensor", [()], lambda x: x.sum() * 3.0, lambda x: x.sum() * 3.0),
+        ])
     if group == "matmul":
         if rng is None:
             m, k, n, b = 4, 3, 5, 2
@@ -259,6 +271,14 @@ def check_unbroadcast(unbroadcast: Any, seed: int, cases: int) -> None:
                 got = unbroadcast(grad, shape)
             assert_close(got, expected, what=f"unbroadcast(grad of shape {out_shape}, {shape})",
                          atol=float_tolerance(expected, ref.unbroadcast(grad, shape)))
+    # An empty batch: a size-1 axis broadcast to size 0 sums to zeros of size 1.
+    for out_shape, shape in [((0, 3), (1, 3)), ((2, 0), (2, 1)), ((0, 2), (2,))]:
+        grad = np.zeros(out_shape, dtype=np.float32)
+        expected = np.zeros(shape, dtype=np.float32)
+        with time_limit(10, f"unbroadcast(grad of shape {out_shape}, {shape})"):
+            got = unbroadcast(grad, shape)
+        assert_close(got, expected, what=f"unbroadcast(grad of shape {out_shape}, {shape}) "
+                     "(an empty batch)", atol=0.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -198,6 +198,21 @@ def simulation_cases(seed: int | None) -> list[tuple[str, Any, list[float], list
     if not ref.schedule_problems(stalling, 4):
         cases.append(("a valid 1F1B(2, 4) that sends before it receives", stalling,
                       [1.0, 1.0], [2.0, 2.0]))
+    # Valid schedules with neighbouring actions swapped: some rounds of the simulation then
+    # only pair sends with receives, and the simulation must go on after them.
+    swapped = 0
+    while swapped < 12:
+        p, m = int(rng.integers(2, 5)), int(rng.integers(2, 5))
+        plan = ref.one_f_one_b_schedule(p, m)
+        for _ in range(int(rng.integers(1, 4))):
+            s = int(rng.integers(0, p))
+            plan = _swap(plan, s, int(rng.integers(0, len(plan[s]) - 1)))
+        if ref.schedule_problems(plan, m) or ref.find_deadlock(plan):
+            continue
+        swapped += 1
+        cases.append((f"one_f_one_b_schedule({p}, {m}) with actions swapped", plan,
+                      [float(c) for c in rng.uniform(0.5, 2.0, p)],
+                      [float(c) for c in rng.uniform(1.0, 4.0, p)]))
     return cases
 
 

@@ -39,9 +39,9 @@ from course_runtime.serving import (
     serve_static,
     static_batch_size,
 )
-from course_runtime.testing import assert_close, require, time_limit
-from course_runtime.timing import measure_interleaved
-from grader.checks import check_ratio, forbid
+from course_runtime.testing import GradingTimeout, assert_close, require, time_limit
+from course_runtime.timing import measure_interleaved, pinned_threads
+from grader.checks import check_ratio, counted_forwards, forbid
 
 
 def _dotted(function: Any) -> str:
@@ -115,7 +115,14 @@ def check_allocator(cls: Any, seed: int, steps: int, num_blocks: int = 6,
                 if len(set(held)) == num_blocks:
                     try:
                         theirs.allocate()
-                    except OutOfBlocks:
+                    except OutOfBlocks as error:
+                        fields = (error.needed, error.free, error.total)
+                        if fields != (1, 0, num_blocks):
+                            raise AssertionError(
+                                f"after {'; '.join(log)}: allocate() raised OutOfBlocks"
+                                f"{fields}; the handout asks for OutOfBlocks(1, 0, "
+                                f"{num_blocks}): one block needed, none free, "
+                                f"{num_blocks} in all") from None
                         continue
                     raise AssertionError(f"after {'; '.join(log)}: every block is taken, so "
                                          "allocate() must raise OutOfBlocks")
@@ -568,7 +575,8 @@ def check_decode_public_case(fn: Any, namespace: dict[str, Any] | None = None) -
 
 
 class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest tensor any operation produces."""
+    """Records the largest tensor any operation produces with memory of its own: a view of an
+    input (``select``, ``transpose``, indexing by a number) copies nothing and is not counted."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -577,16 +585,21 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr()
+                  for t in torch.utils._pytree.tree_leaves((args, kwargs or {}))
+                  if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()}
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+            if (isinstance(t, torch.Tensor) and t.numel() > self.largest and
+                    t.untyped_storage().data_ptr() not in inputs):
                 self.largest, self.op = t.numel(), str(func)
         return out
 
 
 def check_no_dense_gather(fn: Any, namespace: dict[str, Any] | None = None) -> None:
     """The structural test: on 64-token contexts in blocks of 4, no tensor the student's code
-    creates may hold more than a quarter of one sequence's keys per row: the keys are read
-    block by block (or a few blocks at a time), never gathered into one dense tensor."""
+    creates may hold more than a quarter of one sequence's keys (all heads): the keys are read
+    block by block (or up to four blocks at a time), never gathered into a dense tensor, not
+    even one (sequence, head) at a time. Views of the cache copy nothing and are allowed."""
     require(paged_decode_attention=fn)
     g = torch.Generator().manual_seed(3)
     k_cache = torch.randn(2, 40, 4, 8, generator=g, dtype=torch.float64)
@@ -594,6 +607,7 @@ def check_no_dense_gather(fn: Any, namespace: dict[str, Any] | None = None) -> N
     tables = torch.randperm(40, generator=g)[:32].view(2, 16)
     q = torch.randn(2, 2, 8, generator=g, dtype=torch.float64)
     full = 2 * 2 * 64 * 8                       # every key of the batch: batch*heads*64*Dh
+    limit = 2 * 64 * 8 // 4                     # a quarter of one sequence's: heads*64*Dh/4
     recorder = _LargestTensor()
     with guard(namespace), time_limit(30, "your paged_decode_attention"), recorder:
         got = fn(q, k_cache, v_cache, tables, torch.tensor([64, 64]))
@@ -601,11 +615,12 @@ def check_no_dense_gather(fn: Any, namespace: dict[str, Any] | None = None) -> N
     assert_close(None if got is None else torch.as_tensor(got).detach().numpy(),
                  expected.numpy(), what="paged_decode_attention in the structural test",
                  atol=1e-9, rtol=1e-9)
-    if recorder.largest > full // 4:
+    if recorder.largest > limit:
         raise AssertionError(f"your paged_decode_attention made a tensor of {recorder.largest} "
-                             f"elements ({recorder.op}); all the keys of the batch are {full}: "
-                             "read the cache one block at a time with an online softmax, not "
-                             "by gathering every block into one dense tensor first")
+                             f"elements ({recorder.op}); all the keys of the batch are {full}, "
+                             f"one sequence's {4 * limit}: read the cache one block at a "
+                             "time with an online softmax, not by gathering the blocks into a "
+                             "dense tensor first (not even one sequence or head at a time)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,8 +689,15 @@ def check_serve(serve: Any, seed: int, count: int, num_blocks: int, max_batch: i
     model = _model()
     requests = request_stream(count, model.config.vocab_size, seed=seed, prompt_len=(1, 20),
                               output_len=(1, 24))
-    outputs, steps, cache = _serve(serve, model, requests, num_blocks, block_size, max_batch,
-                                   namespace)
+    with counted_forwards(model=model) as calls:
+        outputs, steps, cache = _serve(serve, model, requests, num_blocks, block_size,
+                                       max_batch, namespace)
+    if steps != len(calls["model"]):
+        raise AssertionError(f"serve returned steps={steps}, but it called the model "
+                             f"{len(calls['model'])} times: steps counts model calls")
+    if max(calls["model"], default=0) > max_batch:
+        raise AssertionError(f"serve ran a batch of {max(calls['model'])} sequences with "
+                             f"max_batch={max_batch}: admit while fewer than max_batch run")
     for r in requests:
         expected = greedy_reference(model, r.prompt, r.max_new_tokens)
         if list(map(int, outputs.get(r.id, []))) != expected:
@@ -691,6 +713,30 @@ def check_serve(serve: Any, seed: int, count: int, num_blocks: int, max_batch: i
         raise AssertionError(f"serve took {steps} model calls; continuous batching needs at "
                              f"most {bound} here: admit waiting requests as soon as blocks are "
                              "free, not when the whole batch is done")
+    check_never_fits(serve, model, num_blocks, block_size, max_batch, namespace)
+
+
+def check_never_fits(serve: Any, model: torch.nn.Module, num_blocks: int, block_size: int,
+                     max_batch: int, namespace: dict[str, Any] | None = None) -> None:
+    """A request that needs more blocks than the whole cache has must raise ValueError (not
+    wait for blocks that can never come)."""
+    prompt = tuple(range(1, 1 + block_size))
+    too_long = Request(id=0, prompt=prompt,
+                       max_new_tokens=num_blocks * block_size + 1 - len(prompt))
+    cache = PagedKVCache.for_model(model, num_blocks, block_size)
+    try:
+        with loop_guard(namespace), time_limit(20, "serve with a request that can never fit"):
+            serve(model, [too_long], cache, max_batch)
+    except ValueError:
+        return
+    except GradingTimeout:
+        raise AssertionError(f"a request of {too_long.max_len} tokens needs "
+                             f"{blocks_for(too_long.max_len, block_size)} blocks of a "
+                             f"{num_blocks}-block cache: serve waited for blocks that never "
+                             "come; raise ValueError instead") from None
+    raise AssertionError(f"a request of {too_long.max_len} tokens needs "
+                         f"{blocks_for(too_long.max_len, block_size)} blocks of a {num_blocks}-"
+                         "block cache: serve should raise ValueError")
 
 
 def _step_bound(model: torch.nn.Module, requests: list[Request], num_blocks: int,
@@ -766,7 +812,8 @@ def check_speed(fn: Any, bound: float, rounds: int = 15, seed: int = 5,
             return time.perf_counter() - start
         return once
 
-    with guard(namespace), time_limit(120, "timing your paged_decode_attention"):
+    with guard(namespace), time_limit(120, "timing your paged_decode_attention"), \
+            pinned_threads(1):  # one thread on every grading path: one grade
         got = fn(*args)
         expected = _reference_decode(*args)
         assert_close(None if got is None else torch.as_tensor(got).detach().numpy(),

@@ -25,7 +25,7 @@ from course_reference.serving import speculative as ref
 from course_runtime.models import GPT, DenseKVCache, GPTConfig, generate, load, load_tokenizer
 from course_runtime.speculative import bench_prompts, forwards_per_token, speed_table
 from course_runtime.testing import assert_close, require, time_limit
-from grader.checks import forbid
+from grader.checks import counted_forwards, forbid
 
 FORBIDDEN = [
     "course_reference.serving.speculative.speculative_generate",
@@ -58,15 +58,16 @@ def shipped_pair() -> tuple[GPT, GPT]:
     return _models["target"], _models["draft"]
 
 
-def toy_gpt(seed: int, n_layers: int, vocab: int = 4) -> GPT:
-    """A small random GPT with peaked distributions, cheap enough to sample thousands of times."""
+def toy_gpt(seed: int, n_layers: int, vocab: int = 4, scale: float = 25.0) -> GPT:
+    """A small random GPT, cheap enough to sample thousands of times; its weight matrices are
+    multiplied by ``scale``, and the larger it is, the more peaked its distributions."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=vocab, d_model=16, n_layers=n_layers, n_heads=2,
                           context=64)).eval()
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 2:
-                param.mul_(25)
+                param.mul_(scale)
     return model
 
 
@@ -179,10 +180,13 @@ def rule_distribution(rejection_step: Callable[..., Any], p: torch.Tensor, q: to
                 token, accepted = rejection_step(p.clone(), q.clone(), x, float(u), float(v))
             return int(token), bool(accepted)
 
-        low, high = 0.0, 1.0  # accepted below `low`, rejected at or above `high`
+        # Accepted below `low`, rejected at or above `high`. Where u = 0 or u = 1 exactly falls
+        # has probability zero (`u * q < p` and `u * q <= p` are the same rule), so the ends are
+        # probed just inside.
+        low, high = 0.0, 1.0
         if step(1 - 1e-9, 0.5)[1]:
             low = high = 1.0
-        elif not step(0.0, 0.5)[1]:
+        elif not step(1e-9, 0.5)[1]:
             high = 0.0
         else:
             for _ in range(30):
@@ -261,8 +265,9 @@ def check_greedy_equals_target(speculative_generate: Callable[..., Any], gammas:
     for text, gamma in itertools.product(prompts, gammas):
         prompt = tokenizer.encode(text) if isinstance(text, str) else list(text)
         expected = generate(target, prompt, new_tokens)[0].tolist()
-        got, counters = _run(speculative_generate, target, draft, prompt, new_tokens,
-                             gamma=gamma, namespace=namespace)
+        with counted_forwards(target=target, draft=draft) as calls:
+            got, counters = _run(speculative_generate, target, draft, prompt, new_tokens,
+                                 gamma=gamma, namespace=namespace)
         if got != expected:
             first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
                          min(len(got), len(expected)))
@@ -272,13 +277,24 @@ def check_greedy_equals_target(speculative_generate: Callable[..., Any], gammas:
                 f"token {first} on (expected {tokenizer.decode(expected)!r}, got "
                 f"{tokenizer.decode(got)!r}, {len(got)} tokens for {len(expected)})")
         if stats:
-            _check_stats(counters, new_tokens, gamma)
+            _check_stats(counters, new_tokens, gamma, calls)
 
 
-def _check_stats(stats: Any, new_tokens: int, gamma: int) -> None:
-    for name in ("generated", "steps", "target_forwards", "proposed", "accepted"):
+def _check_stats(stats: Any, new_tokens: int, gamma: int, calls: dict[str, list[int]]) -> None:
+    """The counters must add up, and the forward passes they report must be the ones that
+    happened (counted by hooks on the two models)."""
+    for name in ("generated", "steps", "target_forwards", "draft_forwards", "proposed",
+                 "accepted"):
         if not hasattr(stats, name):
             raise AssertionError(f"the stats returned by speculative_generate have no `{name}`")
+    for name in ("target", "draft"):
+        if getattr(stats, f"{name}_forwards") != len(calls[name]):
+            raise AssertionError(f"stats.{name}_forwards is {getattr(stats, f'{name}_forwards')}"
+                                 f", but the {name} model ran {len(calls[name])} forward passes")
+    if stats.draft_forwards != stats.proposed:
+        raise AssertionError(f"the draft ran {stats.draft_forwards} forward passes to propose "
+                             f"{stats.proposed} tokens: one forward per proposed token (the "
+                             "first of a step feeds every token the draft's cache lacks)")
     if stats.generated != new_tokens:
         raise AssertionError(f"stats.generated is {stats.generated}, expected {new_tokens}")
     if stats.target_forwards not in (stats.steps, stats.steps + 1):
@@ -324,40 +340,89 @@ def check_rollback(speculative_generate: Callable[..., Any], seed: int,
                          what=f"{name} cache keys of layer {layer} after rollback", atol=1e-4)
 
 
+SAMPLING_VOCAB, SAMPLING_PROMPT = 4, [1, 3]
+
+
+def sampling_pair() -> tuple[GPT, GPT]:
+    """A target and a draft for the distribution test: spread out (the target's likeliest first
+    token has probability 0.34) and far apart (total-variation distance 0.48: about half of the
+    draft's tokens are rejected), so that a biased sampler moves the output distribution by more
+    than the noise of a thousand runs, on the accept and on the reject path alike."""
+    return (toy_gpt(3, 2, SAMPLING_VOCAB, scale=8.0), toy_gpt(2, 1, SAMPLING_VOCAB, scale=8.0))
+
+
+def sequence_probabilities(model: GPT, prompt: list[int], new_tokens: int,
+                           temperature: float) -> np.ndarray:
+    """The exact probability of every continuation of ``new_tokens`` tokens (index: the tokens
+    as digits in base vocab), sampling at ``temperature``."""
+    vocab = model.config.vocab_size
+    seqs = torch.tensor(list(itertools.product(range(vocab), repeat=new_tokens)))
+    batch = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], dim=1)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(batch[:, :-1]) / temperature, -1)[:, len(prompt) - 1:]
+    return logp.gather(-1, seqs.unsqueeze(-1)).squeeze(-1).sum(-1).exp().double().numpy()
+
+
+def expected_tv_noise(p: np.ndarray, runs: int) -> float:
+    """The expected total-variation distance between ``p`` and the frequencies of ``runs`` draws
+    from it (each frequency's mean absolute error is about sqrt(2 p (1 - p) / (pi runs)))."""
+    return float(0.5 * np.sqrt(2 * p * (1 - p) / (np.pi * runs)).sum())
+
+
 def check_sampling_distribution(speculative_generate: Callable[..., Any], runs: int,
-                                namespace: dict[str, Any] | None = None) -> None:
-    """Sampled speculative decoding of two tokens, ``runs`` seeded runs: the joint frequency must
-    be close to the target's exact probabilities and far from the draft's."""
+                                namespace: dict[str, Any] | None = None,
+                                temperature: float = 1.0, new_tokens: int = 2,
+                                gamma: int = 2) -> None:
+    """Sampled speculative decoding of ``new_tokens`` tokens, ``runs`` seeded runs at
+    ``temperature``: the joint frequency of the tokens must be the target's exact probabilities
+    (within twice the noise expected of ``runs`` samples) and far from the draft's.
+
+    With two new tokens the first step proposes one draft token, so the accepted count it
+    reports must average the exact acceptance rate sum_x min(p(x), q(x)), within four standard
+    errors: a draft sampled at another temperature still yields the target's distribution, but
+    accepts less often.
+    """
     require(speculative_generate=speculative_generate)
-    vocab, prompt = 4, [1, 3]
-    target, draft = toy_gpt(1, 2, vocab), toy_gpt(2, 1, vocab)
-
-    def exact(model: GPT) -> np.ndarray:
-        seqs = torch.tensor(list(itertools.product(range(vocab), repeat=2)))
-        batch = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], dim=1)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(batch[:, :-1]), -1)[:, len(prompt) - 1:]
-        return logp.gather(-1, seqs.unsqueeze(-1)).squeeze(-1).sum(-1).exp().numpy()
-
-    p_target, p_draft = exact(target), exact(draft)
-    counts = np.zeros(vocab * vocab)
+    target, draft = sampling_pair()
+    prompt, vocab = SAMPLING_PROMPT, SAMPLING_VOCAB
+    p_target = sequence_probabilities(target, prompt, new_tokens, temperature)
+    p_draft = sequence_probabilities(draft, prompt, new_tokens, temperature)
+    counts, accepted = np.zeros(vocab ** new_tokens), []
     start = time.perf_counter()
     for seed in range(runs):
-        got, _ = _run(speculative_generate, target, draft, prompt, 2, gamma=2, greedy=False,
-                      seed=seed, namespace=namespace, seconds=10)
-        if len(got) != 2:
-            raise AssertionError(f"asked for 2 new tokens, got {len(got)}")
-        counts[got[0] * vocab + got[1]] += 1
-        if time.perf_counter() - start > 120:
-            raise AssertionError(f"{runs} two-token generations took over 120 s")
+        got, stats = _run(speculative_generate, target, draft, prompt, new_tokens, gamma=gamma,
+                          greedy=False, temperature=temperature, seed=seed, namespace=namespace,
+                          seconds=10)
+        if len(got) != new_tokens or not all(0 <= t < vocab for t in got):
+            raise AssertionError(f"asked for {new_tokens} new tokens of a {vocab}-token "
+                                 f"vocabulary, got {got}")
+        counts[int(np.ravel_multi_index(got, (vocab,) * new_tokens))] += 1
+        accepted.append(getattr(stats, "accepted", None))
+        if time.perf_counter() - start > 180:
+            raise AssertionError(f"{runs} {new_tokens}-token generations took over 180 s")
     freq = counts / runs
-    # With 1,000 runs the distance of a correct sampler to p is about 0.04 (seeded: fixed).
-    if _tv(freq, p_target) > 0.08 or _tv(freq, p_draft) < _tv(p_target, p_draft) - 0.08:
+    bound = 2 * expected_tv_noise(p_target, runs)
+    where = f"at temperature {temperature:g}, over {runs} seeded runs of {new_tokens} tokens"
+    if _tv(freq, p_target) > bound or _tv(freq, p_draft) < _tv(p_target, p_draft) - bound:
         raise AssertionError(
-            f"over {runs} seeded runs, the first two sampled tokens are at total-variation "
-            f"distance {_tv(freq, p_target):.3f} from the target's distribution and "
-            f"{_tv(freq, p_draft):.3f} from the draft's (the two models are "
-            f"{_tv(p_target, p_draft):.3f} apart): the output must follow the target")
+            f"{where}, the sampled tokens are at total-variation distance "
+            f"{_tv(freq, p_target):.3f} from the target's distribution (noise allows "
+            f"{bound:.3f}) and {_tv(freq, p_draft):.3f} from the draft's (the two models are "
+            f"{_tv(p_target, p_draft):.3f} apart): the output must follow the target, every "
+            "token of it, the bonus token too")
+    if new_tokens == 2:
+        if not all(isinstance(a, (int, np.integer)) for a in accepted):
+            raise AssertionError("stats.accepted should count the accepted draft tokens")
+        p1 = sequence_probabilities(target, prompt, 1, temperature)
+        q1 = sequence_probabilities(draft, prompt, 1, temperature)
+        alpha = float(np.minimum(p1, q1).sum())
+        mean, error = float(np.mean(accepted)), float(np.sqrt(alpha * (1 - alpha) / runs))
+        if abs(mean - alpha) > 4 * error:
+            raise AssertionError(
+                f"{where}, your sampler accepted {mean:.3f} draft tokens per run on average, "
+                f"but a draft token is accepted with probability sum_x min(p(x), q(x)) = "
+                f"{alpha:.3f} (±{4 * error:.3f}) when both models sample at the same "
+                "temperature: are the draft's probabilities the ones its token was drawn from?")
 
 
 # --------------------------------------------------------------------------------------------

@@ -119,4 +119,25 @@ MUTATIONS = [
           "    return make_node(out, (a,), lambda grad: (np.vectorize(lambda g, p: g * p, "
           "otypes=[np.float32])(grad, positive),), \"relu\")")],
         breaks={"q7"}),
+    mutation(
+        "backward_does_nothing",
+        "backward() returns at once: no gradient anywhere, and a training step that is very "
+        "fast; the speed question must not reward it",
+        [("    grads = {id(root): np.asarray(grad, dtype=root.dtype)}\n",
+          "    return\n    grads = {id(root): np.asarray(grad, dtype=root.dtype)}\n")],
+        breaks={"q3", "q7"}, may_break={"q4", "q5", "q6"}),
+    mutation(
+        "max_ties_all_get_the_gradient",
+        "max's backward gives the whole gradient to every tied maximum instead of sharing it",
+        [("        return (mask * (grad / mask.sum(axis=axes, keepdims=True)),)",
+          "        return (mask * grad,)")],
+        breaks={"q2c"}, may_break={"q4", "q6", "q7"}),
 ]
+
+# Operator mutants of the solution that compute what the lab asks for (grader/mutation.py):
+# they leave the mutation score's denominator, each with the reason.
+EQUIVALENT = {
+    'mul: drop statement: broadcast_shape("mul", a.shape, b.shape)':
+        "NumPy raises its own ValueError for shapes that cannot broadcast; the handout asks the "
+        "ops to broadcast, not for the wording of that error",
+}

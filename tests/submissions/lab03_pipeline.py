@@ -81,3 +81,10 @@ MUTATIONS = [
           "            outputs.pop(i).backward(grads.pop(i) if rank < last else None)")],
         breaks={"q5"}, may_break={"q6"}),
 ]
+
+# Operator mutants of the solution that compute what the lab asks for (grader/mutation.py):
+# they leave the mutation score's denominator, each with the reason.
+EQUIVALENT = {
+    "pipeline_worker: swap arguments: loss_fn(out, targets[i])":
+        "the lab's loss, the mean squared error, is symmetric in its two arguments",
+}

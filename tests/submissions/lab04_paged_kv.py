@@ -72,4 +72,59 @@ MUTATIONS = [
           "            while waiting and len(running) < max_batch and not any(\n"
           "                    item[2] and len(item[2]) > 1 for item in running):\n")],
         breaks={"q5", "q6"}),
+    mutation(
+        "waits_forever_for_a_request_that_never_fits",
+        "no check that a request fits the whole cache: it waits for blocks that never come",
+        [("""                if need > capacity:
+                    raise ValueError(f"request {waiting[0].id} needs {need} blocks; "
+                                     f"the cache has {capacity}")
+""", "")],
+        breaks={"q5"}),
+    mutation(
+        "batch_one_over_max",
+        "admits while len(running) <= max_batch: one sequence more than the batch allows",
+        [("while waiting and len(running) < max_batch:",
+          "while waiting and len(running) <= max_batch:")],
+        breaks={"q5"}, may_break={"q6"}),
+    mutation(
+        "dense_gather_per_sequence_and_head",
+        "gathers one (sequence, head) at a time into a dense tensor of its whole context, then a "
+        "plain softmax: the dense gather in a loop",
+        [("    for j in range(blocks_for(int(context_lens.max()), size)):\n"
+          "        block = block_tables[:, j]",
+          """    for b in range(B):
+        n = int(context_lens[b])
+        blocks = block_tables[b, :blocks_for(n, size)]
+        for h in range(H):
+            k = k_cache[h, blocks].reshape(-1, Dh)[:n]
+            v = v_cache[h, blocks].reshape(-1, Dh)[:n]
+            acc[b, h] = torch.softmax(k @ q[b, h], 0) @ v
+    return acc
+    for j in range(blocks_for(int(context_lens.max()), size)):
+        block = block_tables[:, j]""")],
+        breaks={"q3"}, may_break={"q6"}),
 ]
+
+# Rewrites that compute what the lab asks for: each must keep every point.
+REWRITES = [
+    mutation(
+        "blocks_through_a_transposed_view",
+        "takes the cache's blocks from a transposed view of it ([blocks, heads, size, Dh]), "
+        "which copies nothing",
+        [("    slots = torch.arange(size)\n",
+          "    slots = torch.arange(size)\n"
+          "    k_blocks, v_blocks = k_cache.transpose(0, 1), v_cache.transpose(0, 1)\n"),
+         ("        k = k_cache[:, block].transpose(0, 1)                  # [B, H, size, Dh]\n"
+          "        v = v_cache[:, block].transpose(0, 1)\n",
+          "        k, v = k_blocks[block], v_blocks[block]\n")],
+        breaks=set()),
+]
+
+# Operator mutants of the solution that compute what the lab asks for (grader/mutation.py):
+# they leave the mutation score's denominator, each with the reason.
+EQUIVALENT = {
+    "paged_decode_attention: swap arguments: v_cache[:, block].transpose(0, 1)":
+        "transpose(1, 0) is transpose(0, 1)",
+    "paged_decode_attention: swap arguments: torch.maximum(running_max, scores.amax(-1))":
+        "torch.maximum is symmetric",
+}

@@ -43,4 +43,44 @@ MUTATIONS = [
         [("    return (1 - alpha ** (gamma + 1)) / (1 - alpha)",
           "    return (1 - alpha ** gamma) / (1 - alpha)")],
         breaks={"q4"}),
+    mutation(
+        "argmax_bonus_token",
+        "takes the target's most likely token as the bonus token while sampling",
+        [("                emitted.append(sample_inverse_cdf(p, float(torch.rand((), "
+          "generator=generator))))",
+          "                emitted.append(int(p.argmax()))")],
+        breaks={"q3"}, may_break={"q5"}),
+    mutation(
+        "draft_at_temperature_one",
+        "samples the draft without the temperature: the output still follows the target, but "
+        "the draft's tokens are accepted less often",
+        [("q = torch.softmax(logits / temperature, -1)", "q = torch.softmax(logits, -1)")],
+        breaks={"q3"}, may_break={"q5"}),
 ]
+
+# Rewrites that compute what the lab asks for: each must keep every point.
+REWRITES = [
+    mutation(
+        "accept_at_equality",
+        "accepts when u * q(x) <= p(x): differs from < only when u hits the threshold exactly, "
+        "an event of probability zero",
+        [("accepted = u * q[token] < p[token]", "accepted = u * q[token] <= p[token]")],
+        breaks=set()),
+    mutation(
+        "acceptance_as_a_ratio",
+        "compares u with p(x) / q(x) instead of u * q(x) with p(x)",
+        [("accepted = u * q[token] < p[token]",
+          "accepted = bool(u < (p[token] / q[token]).item())")],
+        breaks=set()),
+]
+
+# Operator mutants of the solution that compute what the lab asks for (grader/mutation.py):
+# they leave the mutation score's denominator, each with the reason.
+EQUIVALENT = {
+    "speculative_generate: swap arguments: min(gamma, max_new_tokens - stats.generated - 1)":
+        "min is symmetric",
+    "speculative_generate: + -> -: start + n #2":
+        "rolls the draft's cache back further than needed: the handout only bounds it from "
+        "above, and the next step's first draft forward re-feeds the missing tokens, so the "
+        "output, the caches' contents and every forward count are unchanged",
+}
