@@ -27,7 +27,7 @@ SUBMISSIONS ?= submissions
 OUT ?= grading-output
 
 .PHONY: help setup book test lab assign update-labs grade bench check lint lock clean nbgrader \
-	release browser
+	release browser mutation-score
 
 help:
 	@echo "make book     build the book (every notebook executed) into book/_build/html"
@@ -37,6 +37,7 @@ help:
 	@echo "make update-labs   also regenerate labs/ (refuses to overwrite a changed notebook)"
 	@echo "make grade LAB=lab01_autograd SUBMISSIONS=folder [OUT=grading-output]"
 	@echo "make bench    run the benchmarks; results in book/benchmarks/results.json"
+	@echo "make mutation-score [LABS=...] [SAMPLE=n]   how many mutants each lab's tests catch"
 	@echo "make release  what students receive, in grader/dist/release (its own git repository)"
 	@echo "make nbgrader LAB=lab01_autograd   the lab as an nbgrader course in grader/dist/nbgrader"
 
@@ -87,6 +88,9 @@ release: book
 
 bench: $(STAMP)
 	$(BIN)/course-bench
+
+mutation-score: $(STAMP)
+	$(BIN)/course mutation-score $(LABS) $(if $(SAMPLE),--sample $(SAMPLE))
 
 nbgrader: $(STAMP)
 	$(BIN)/course nbgrader $(LAB)

@@ -51,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--book", type=Path, required=True, help="the rendered book (HTML folder)")
     p.add_argument("--out", type=Path, default=None, help="default: grader/dist/release")
 
+    p = commands.add_parser("mutation-score", help="how many mutants of each lab's solution "
+                            "its hidden tests catch (writes grader/mutation_scores.json)")
+    p.add_argument("labs", nargs="*")
+    p.add_argument("--sample", type=int, default=None,
+                   help="per lab, grade this many operator mutants chosen at random (seeded)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=300, help="seconds per mutant")
+
     args = parser.parse_args(argv)
     labs = [find_lab(n) for n in getattr(args, "labs", [])] or all_labs()
 
@@ -91,6 +99,31 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"labs/ in sync, no leaks ({', '.join(lab.name for lab in labs)})")
         return 0
+    if args.command == "mutation-score":
+        import json
+        import subprocess
+        import tempfile
+
+        from .mutation import record
+        below = []
+        for lab in labs:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "summary.json"
+                command = [sys.executable, "-m", "grader.mutation", lab.name, "--json", str(out),
+                           "--jobs", str(args.jobs), "--timeout", str(args.timeout)]
+                if args.sample is not None:
+                    command += ["--sample", str(args.sample)]
+                if subprocess.run(command).returncode != 0:
+                    raise SystemExit(f"{lab.name}: the mutation harness failed")
+                summary = json.loads(out.read_text())
+            record(summary)
+            if (summary["score"] < 0.9 or summary["curated_alive"] or
+                    summary["rewrites_losing_points"]):
+                below.append(lab.name)
+        print("recorded in grader/mutation_scores.json" +
+              (f"; below 90 %, with a curated bug alive or a rewrite losing points: "
+               f"{', '.join(below)}" if below else ""))
+        return 1 if below else 0
     if args.command == "release":
         from .release import build_release, default_out
         out = build_release(args.out or default_out(), args.book)

@@ -28,16 +28,26 @@ def mutation(name: str, why: str, edits: list[tuple[str, str]], breaks: set[str]
     return Mutation(name, why, edits, frozenset(breaks), frozenset(may_break))
 
 
-def apply(m: Mutation, solution: Path, out_dir: Path) -> Path:
-    """Write the solution with ``m``'s edits to ``out_dir/<name>.ipynb``."""
-    nb = nbformat.read(solution, as_version=4)
+def edited_cells(m: Mutation, cells: dict[int, str]) -> dict[int, str]:
+    """The code cells (index to source) that ``m`` changes, as it changes them."""
+    edited: dict[int, str] = {}
     for old, new in m.edits:
-        hits = [c for c in nb.cells if c.cell_type == "code" and old in c.source]
-        count = sum(c.source.count(old) for c in hits)
+        current = {i: edited.get(i, source) for i, source in cells.items()}
+        hits = [i for i, source in current.items() if old in source]
+        count = sum(current[i].count(old) for i in hits)
         if count != 1:
             raise AssertionError(f"mutation {m.name}: expected the text to edit exactly once in "
                                  f"the solution, found it {count} times:\n{old}")
-        hits[0].source = hits[0].source.replace(old, new)
+        edited[hits[0]] = current[hits[0]].replace(old, new)
+    return edited
+
+
+def apply(m: Mutation, solution: Path, out_dir: Path) -> Path:
+    """Write the solution with ``m``'s edits to ``out_dir/<name>.ipynb``."""
+    nb = nbformat.read(solution, as_version=4)
+    code = {i: c.source for i, c in enumerate(nb.cells) if c.cell_type == "code"}
+    for index, source in edited_cells(m, code).items():
+        nb.cells[index].source = source
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{m.name}.ipynb"
     nbformat.write(nb, path)
