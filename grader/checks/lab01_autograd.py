@@ -124,7 +124,11 @@ def op_cases(group: str, rng: np.random.Generator | None = None) -> list[OpCase]
             OpCase(f"relu {shape}", [shape], lambda x: x.relu(), torch.relu),
             OpCase(f"tanh {shape}", [shape], lambda x: x.tanh(), torch.tanh, ["wide"]),
             OpCase(f"sigmoid {shape}", [shape], lambda x: x.sigmoid(), torch.sigmoid, ["wide"]),
-        ]
+        ] + ([] if rng is None else [
+            # Exact zeros: torch's relu passes no gradient at 0.
+            OpCase(f"relu {shape} with zeros", [shape], lambda x: x.relu(), torch.relu,
+                   ["ties"]),
+        ])
     if group == "reductions":
         shape = (2, 3, 4) if rng is None else tuple(int(d) for d in rng.integers(1, 5, 3))
         axis = 1 if rng is None else int(rng.integers(0, 3))
@@ -505,6 +509,17 @@ def check_engine_hidden(Tensor: Any, make_node: Any, topological_order: Any, bac
                  what="two backward() calls (3x then 4x) should accumulate 7 into x.grad "
                       "(was the gradient overwritten?)", atol=1e-5)
 
+    # A constant (requires_grad=False) among the inputs: it gets no gradient, as in torch.
+    with guard(), time_limit(30, "backward with a constant input"):
+        x = nodes.leaf([2.0, 3.0])
+        c = Tensor(np.asarray([5.0, 7.0], dtype=np.float32))
+        backward(nodes.total(nodes.mul(x, c)))
+    if getattr(c, "grad", None) is not None:
+        raise AssertionError(f"a tensor created with requires_grad=False got .grad = {c.grad!r} "
+                             "from backward(): only tensors that require grad get one")
+    assert_close(_grad_of(x, "constant input"), [5.0, 7.0],
+                 what="d/dx sum(x * c) with c a constant", atol=1e-5)
+
     # Random DAGs with heavy reuse, checked against torch.
     for trial in range(3):
         _check_random_dag(nodes, backward, rng, trial, guard)
@@ -560,13 +575,21 @@ def _check_random_dag(nodes: _Nodes, backward: Any, rng: np.random.Generator, tr
 
 def check_adam(Tensor: Any, Adam: Any, seed: int, steps: int,
                namespace: dict[str, Any] | None = None) -> None:
-    """``steps`` updates with fixed random gradients, against ``torch.optim.Adam``."""
+    """``steps`` updates with fixed random gradients, against ``torch.optim.Adam``; with a seed
+    other than 0, also a parameter whose gradients are so small that ``eps`` decides its update,
+    and one that never gets a gradient (``torch.optim.Adam`` leaves it alone)."""
     require(Tensor=Tensor, Adam=Adam)
     rng = np.random.default_rng(seed)
     shapes = [(3, 4), (4,)] if seed == 0 else [tuple(int(d) for d in rng.integers(1, 6, 2)), (5,)]
     lr, betas, eps = 0.01, (0.9, 0.999), 1e-8
+    if seed != 0:  # edge cases: gradients so small that eps matters, and a parameter with none
+        shapes += [(3,), (2,)]
     init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(steps)]
+    if seed != 0:
+        for g in grads:
+            g[-2] *= np.float32(1e-9)
+            g[-1] = None
 
     tparams = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in init]
     topt = torch.optim.Adam(tparams, lr=lr, betas=betas, eps=eps)
@@ -577,9 +600,9 @@ def check_adam(Tensor: Any, Adam: Any, seed: int, steps: int,
         opt = Adam(params, lr=lr, betas=betas, eps=eps)
     for step, g in enumerate(grads, start=1):
         for p, tp, rp, gi in zip(params, tparams, rparams, g):
-            p.grad = gi.copy()
-            tp.grad = torch.tensor(gi, dtype=torch.float64)
-            rp.grad = gi.copy()
+            p.grad = None if gi is None else gi.copy()
+            tp.grad = None if gi is None else torch.tensor(gi, dtype=torch.float64)
+            rp.grad = None if gi is None else gi.copy()
         with engine_guard(namespace), time_limit(10, f"Adam step {step}"):
             opt.step()
         ropt.step()

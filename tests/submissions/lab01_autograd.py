@@ -136,8 +136,28 @@ MUTATIONS = [
 
 # Operator mutants of the solution that compute what the lab asks for (grader/mutation.py):
 # they leave the mutation score's denominator, each with the reason.
+_NUMPY_RAISES = ("NumPy raises its own ValueError for shapes that cannot broadcast; the handout "
+                 "asks the ops to broadcast, not for the wording of that error")
 EQUIVALENT = {
-    'mul: drop statement: broadcast_shape("mul", a.shape, b.shape)':
-        "NumPy raises its own ValueError for shapes that cannot broadcast; the handout asks the "
-        "ops to broadcast, not for the wording of that error",
+    'mul: drop statement: broadcast_shape("mul", a.shape, b.shape)': _NUMPY_RAISES,
+    'sub: drop statement: broadcast_shape("sub", a.shape, b.shape)': _NUMPY_RAISES,
+    'div: drop statement: broadcast_shape("div", a.shape, b.shape)': _NUMPY_RAISES,
+    'matmul: drop statement: if x.shape[-1] != y.shape[-2]: raise ValueError(f"matmul: in':
+        "NumPy's matmul raises its own ValueError when the inner dimensions differ",
+    'matmul: drop statement: raise ValueError(f"matmul: inner dimensions differ, {x.shape':
+        "NumPy's matmul raises its own ValueError when the inner dimensions differ",
+    "matmul: drop statement: a, b = as_tensor(a), as_tensor(b)":
+        "matmul is only ever applied to two tensors (x @ y); the handout lets plain numbers "
+        "into the elementwise ops only",
+    "unbroadcast: drop statement: shape = tuple(shape)":
+        "every caller passes a shape that is already a tuple (a tensor's .shape)",
+    "unbroadcast: drop statement: if grad.shape == shape: return grad":
+        "a shortcut: without it the general path sums over no axis and returns the same values",
+    "unbroadcast: drop statement: return grad":
+        "a shortcut: without it the general path sums over no axis and returns the same values",
+    "unbroadcast: True -> False: True":
+        "the sum is reshaped to the target shape either way, so keepdims changes nothing",
+    "relu: swap arguments: np.maximum(x, 0)": "np.maximum is symmetric",
+    "cross_entropy: drop statement: targets = np.asarray(targets)":
+        "the lab's targets are NumPy arrays already, and lists index the same way",
 }
