@@ -125,6 +125,8 @@ REWRITES = [
 EQUIVALENT = {
     "paged_decode_attention: swap arguments: v_cache[:, block].transpose(0, 1)":
         "transpose(1, 0) is transpose(0, 1)",
+    "paged_decode_attention: swap arguments: k_cache[:, block].transpose(0, 1)":
+        "transpose(1, 0) is transpose(0, 1)",
     "paged_decode_attention: swap arguments: torch.maximum(running_max, scores.amax(-1))":
         "torch.maximum is symmetric",
 }
