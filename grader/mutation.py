@@ -530,10 +530,12 @@ def question_of(under: LabUnderTest, mutant: Mutant) -> str:
 
 def sample(mutants: list[Mutant], n: int | None, seed: int = 0) -> list[Mutant]:
     """``n`` of ``mutants`` chosen at random (seeded), in their order; all of them if ``n`` is
-    None."""
+    None. A smaller sample is part of a larger one (the first ``n`` of one seeded shuffle)."""
     if n is None or n >= len(mutants):
         return mutants
-    keep = set(random.Random(seed).sample(range(len(mutants)), n))
+    order = list(range(len(mutants)))
+    random.Random(seed).shuffle(order)
+    keep = set(order[:n])
     return [m for i, m in enumerate(mutants) if i in keep]
 
 

@@ -90,6 +90,7 @@ def test_sampling_is_seeded_and_keeps_order():
     assert chosen == sample(mutants, 5) and len(chosen) == 5
     assert [mutants.index(m) for m in chosen] == sorted(mutants.index(m) for m in chosen)
     assert sample(mutants, None) == mutants
+    assert set(sample(mutants, 3)) <= set(chosen)
 
 
 def test_curated_edits_can_span_cells():
@@ -133,7 +134,7 @@ def test_equivalent_mutants_leave_the_denominator(monkeypatch):
 # The labs, graded by the harness
 # --------------------------------------------------------------------------------------------
 
-SAMPLE = 16  # operator mutants per lab in CI; `make mutation-score` grades them all
+SAMPLE = 12  # operator mutants per lab in CI; `make mutation-score` grades them all
 
 
 def harness(lab: str, out: Path) -> dict:

@@ -671,7 +671,7 @@ def _serve(serve: Any, model: torch.nn.Module, requests: list[Request], num_bloc
            block_size: int, max_batch: int, namespace: dict[str, Any] | None
            ) -> tuple[dict[int, list[int]], int, PagedKVCache]:
     cache = PagedKVCache.for_model(model, num_blocks, block_size)
-    with loop_guard(namespace), time_limit(120, "your serve"):
+    with loop_guard(namespace), time_limit(60, "your serve"):
         try:
             outputs, steps = serve(model, requests, cache, max_batch)
         except OutOfBlocks as error:
