@@ -1,0 +1,187 @@
+"""The channel between the grader and the process that runs a student's notebook.
+
+Messages carry plain data only, never pickles: ``None``, booleans, numbers, strings, bytes,
+tuples, lists, dicts, slices, NumPy arrays and scalars of numeric dtypes. Anything else stays in
+the process that owns it and crosses as a numbered reference (a *handle*, for an object of the
+student's; a *callback*, for a function of the grader's). A value received is a fresh copy: an
+array that arrives is a plain ``numpy.ndarray`` built from bytes, whatever class it had on the
+other side, so a comparison made with it cannot be steered by the sender.
+
+Frame: an 8-byte little-endian length, then that many bytes: a 4-byte length of the JSON header,
+the header, and the raw buffers it names (in order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+MAX_FRAME = 1 << 31  # bytes: a larger frame is a protocol error, not a grade
+MAX_DEPTH = 32
+SCALARS = (type(None), bool, int, float, str)
+NUMERIC_KINDS = "biufc"
+
+
+class WireError(Exception):
+    """A message that is not in the channel's format."""
+
+
+class Unsendable(TypeError):
+    """An object that cannot cross the channel as a value or a reference."""
+
+
+def encode(obj: Any, reference: Callable[[Any], dict[str, Any]]) -> tuple[Any, list[bytes]]:
+    """``obj`` as JSON-ready data plus buffers; ``reference(x)`` encodes what is not a value."""
+    buffers: list[bytes] = []
+
+    def walk(x: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise Unsendable("nesting too deep to send")
+        kind = type(x)
+        if kind in SCALARS:
+            if kind is float and not math.isfinite(x):
+                return {"$f": repr(x)}
+            return x
+        if kind is tuple:
+            return {"$t": [walk(v, depth + 1) for v in x]}
+        if kind is list:
+            return [walk(v, depth + 1) for v in x]
+        if kind is dict:
+            return {"$d": [[walk(k, depth + 1), walk(v, depth + 1)] for k, v in x.items()]}
+        if kind is bytes:
+            buffers.append(x)
+            return {"$b": len(buffers) - 1}
+        if kind is slice:
+            return {"$sl": [walk(x.start, depth + 1), walk(x.stop, depth + 1),
+                            walk(x.step, depth + 1)]}
+        if x is Ellipsis:
+            return {"$e": 1}
+        if isinstance(x, np.ndarray) and x.dtype.kind in NUMERIC_KINDS:
+            plain = np.array(np.ndarray.view(x, np.ndarray), copy=True, order="C")
+            buffers.append(plain.tobytes())
+            return {"$a": len(buffers) - 1, "dtype": plain.dtype.str, "shape": list(plain.shape)}
+        if isinstance(x, np.generic) and np.dtype(kind).kind in NUMERIC_KINDS:
+            buffers.append(np.asarray(x).tobytes())
+            return {"$s": len(buffers) - 1, "dtype": np.dtype(kind).str}
+        return reference(x)
+
+    return walk(obj, 0), buffers
+
+
+def decode(data: Any, buffers: list[bytes], resolve: Callable[[dict[str, Any]], Any]) -> Any:
+    """The inverse of :func:`encode`; ``resolve`` turns a reference back into an object."""
+
+    def buffer(index: Any) -> bytes:
+        if type(index) is not int or not 0 <= index < len(buffers):
+            raise WireError("a reference to a buffer that was not sent")
+        return buffers[index]
+
+    def walk(x: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise WireError("nesting too deep")
+        if type(x) in SCALARS:
+            return x
+        if type(x) is list:
+            return [walk(v, depth + 1) for v in x]
+        if type(x) is not dict or len(x) == 0:
+            raise WireError(f"unexpected {type(x).__name__}")
+        if "$t" in x:
+            return tuple(walk(v, depth + 1) for v in x["$t"])
+        if "$d" in x:
+            return {walk(k, depth + 1): walk(v, depth + 1) for k, v in x["$d"]}
+        if "$f" in x:
+            if x["$f"] not in ("nan", "inf", "-inf"):
+                raise WireError("a float that is not nan or inf")
+            return float(x["$f"])
+        if "$b" in x:
+            return buffer(x["$b"])
+        if "$sl" in x:
+            return slice(*(walk(v, depth + 1) for v in x["$sl"]))
+        if "$e" in x:
+            return Ellipsis
+        if "$a" in x:
+            dtype = np.dtype(x["dtype"])
+            if dtype.kind not in NUMERIC_KINDS:
+                raise WireError(f"an array of dtype {dtype}")
+            shape = tuple(int(d) for d in x["shape"])
+            return np.frombuffer(buffer(x["$a"]), dtype=dtype).reshape(shape).copy()
+        if "$s" in x:
+            dtype = np.dtype(x["dtype"])
+            if dtype.kind not in NUMERIC_KINDS:
+                raise WireError(f"a scalar of dtype {dtype}")
+            return np.frombuffer(buffer(x["$s"]), dtype=dtype)[0]
+        return resolve(x)
+
+    return walk(data, 0)
+
+
+def write_frame(fd: int, header: Any, buffers: list[bytes]) -> None:
+    head = json.dumps(header, allow_nan=False).encode()
+    body = struct.pack("<I", len(head)) + head + b"".join(buffers)
+    view = memoryview(struct.pack("<Q", len(body)) + body)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class Reader:
+    """Frames from a file descriptor, read in large chunks (one system call per message)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffer = bytearray()
+
+    def pending(self) -> bool:
+        """Whether a whole frame is already buffered."""
+        if len(self.buffer) < 8:
+            return False
+        (length,) = struct.unpack_from("<Q", self.buffer)
+        return len(self.buffer) >= 8 + length
+
+    def _fill(self, n: int) -> None:
+        while len(self.buffer) < n:
+            chunk = os.read(self.fd, max(1 << 16, min(n - len(self.buffer), 1 << 24)))
+            if not chunk:
+                raise EOFError("the other side closed the channel")
+            self.buffer += chunk
+
+    def frame(self) -> tuple[Any, list[bytes]]:
+        self._fill(8)
+        (length,) = struct.unpack_from("<Q", self.buffer)
+        if length > MAX_FRAME:
+            raise WireError(f"a frame of {length} bytes")
+        self._fill(8 + length)
+        body = bytes(self.buffer[8:8 + length])
+        del self.buffer[:8 + length]
+        if len(body) < 4:
+            raise WireError("a frame too short for its header")
+        (head_length,) = struct.unpack_from("<I", body)
+        try:
+            header = json.loads(body[4:4 + head_length])
+        except ValueError as error:
+            raise WireError(f"a header that is not JSON: {error}") from None
+        if not isinstance(header, dict):
+            raise WireError("a message that is not an object")
+        sizes = header.get("sizes", [])
+        if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes):
+            raise WireError("a header without buffer sizes")
+        buffers, offset = [], 4 + head_length
+        for size in sizes:
+            buffers.append(body[offset:offset + size])
+            offset += size
+        if offset != len(body):
+            raise WireError("buffers that do not add up to the frame")
+        return header, buffers
+
+
+def send(fd: int, message: dict[str, Any], buffers: list[bytes]) -> None:
+    """Write ``message`` (a dict of JSON-ready data) with its buffers."""
+    write_frame(fd, {**message, "sizes": [len(b) for b in buffers]}, buffers)
+
+
