@@ -100,3 +100,14 @@ def check_op(Tensor: Any, name: str, ours: Callable[..., Any], theirs: Callable[
                                  "node's parents?")
         assert_close(grads[id(x)], exact_grads[i], what=what,
                      atol=float_tolerance(exact_grads[i], single_grads[i]))
+
+
+def chain_of_scales(make_node: Any, leaf: Any, length: int, factor: float) -> Any:
+    """``leaf`` scaled by ``factor`` ``length`` times, one node per step made with the engine's
+    own ``make_node``, then summed: a graph deeper than Python's recursion limit."""
+    node = leaf
+    for _ in range(length):
+        node = make_node(node.data * factor, (node,), lambda g: (g * factor,), "scale")
+    shape = node.data.shape
+    return make_node(np.asarray(node.data.sum(), dtype=np.float32), (node,),
+                     lambda g: (np.broadcast_to(g, shape).copy(),), "sum")

@@ -20,23 +20,65 @@ SIZES = (784, 512, 512, 10)
 BATCH = 256
 
 
+def train_step_runner(Tensor: Any, MLP: Any, SGD: Any, cross_entropy: Any,
+                      sizes: Sequence[int] = SIZES, batch: int = BATCH, seed: int = 0,
+                      lr: float = 0.01) -> tuple[Callable[[], float], list[Any]]:
+    """One SGD step of an MLP built from the given engine, as a function that runs it and
+    returns the step's loss, and the model's parameters (as they are before the first step)."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], batch)
+    model = MLP(list(sizes), seed=seed)
+    parameters = list(model.parameters())
+    initial = [np.array(p.data, copy=True) for p in parameters]
+    optimizer = SGD(parameters, lr=lr)
+
+    def step() -> float:
+        optimizer.zero_grad()
+        loss = cross_entropy(model(Tensor(X)), y)
+        loss.backward()
+        optimizer.step()
+        return float(np.asarray(loss.data))
+
+    return step, initial
+
+
+def torch_losses(initial: Sequence[np.ndarray], steps: int, sizes: Sequence[int] = SIZES,
+                 batch: int = BATCH, seed: int = 0, lr: float = 0.01) -> np.ndarray:
+    """The losses of ``steps`` SGD steps in PyTorch (float32) from the parameters ``initial``
+    (weight, bias per layer) on ``train_step_runner``'s batch: what an engine's steps must give."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    X = torch.from_numpy(rng.standard_normal((batch, sizes[0])).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, sizes[-1], batch))
+    params = [torch.tensor(np.asarray(p, np.float32), requires_grad=True) for p in initial]
+    optimizer = torch.optim.SGD(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        h = X
+        for i in range(0, len(params), 2):
+            h = h @ params[i] + params[i + 1]
+            if i + 2 < len(params):
+                h = torch.relu(h)
+        loss = torch.nn.functional.cross_entropy(h, y)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return np.asarray(losses)
+
+
 def train_step_timer(Tensor: Any, MLP: Any, SGD: Any, cross_entropy: Any,
                      sizes: Sequence[int] = SIZES, batch: int = BATCH,
                      seed: int = 0) -> Callable[[], float]:
     """A function that runs one SGD step of an MLP built from the given engine, and returns the
     seconds it took. Works for any engine with the course's Tensor API (yours or the reference)."""
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
-    y = rng.integers(0, sizes[-1], batch)
-    model = MLP(list(sizes), seed=seed)
-    optimizer = SGD(model.parameters(), lr=0.01)
+    run, _ = train_step_runner(Tensor, MLP, SGD, cross_entropy, sizes, batch, seed)
 
     def step() -> float:
         start = time.perf_counter()
-        optimizer.zero_grad()
-        loss = cross_entropy(model(Tensor(X)), y)
-        loss.backward()
-        optimizer.step()
+        run()
         return time.perf_counter() - start
 
     return step

@@ -83,7 +83,49 @@ def install(cell_timeout: int = CELL_TIMEOUT, partial_results: str | None = None
 
     limit_cell_time(cell_timeout)
     grade_questions_in_place(partial_results)
+    isolate_submissions(cell_timeout, partial_results)
     GradingResults.to_gradescope_dict = lambda self, ag_config: gradescope_results(self)
+
+
+def isolates(notebook_path: str) -> bool:
+    """Whether the lab of this notebook (its otter assignment name) is graded with the
+    submission in a process of its own: its checks say so (``ISOLATED = True`` in
+    ``grader/checks/<lab>.py``, checks that can judge a submission through ``grader.isolated``)."""
+    import importlib
+
+    import nbformat
+
+    try:
+        notebook = nbformat.read(notebook_path, as_version=4)
+        name = notebook.metadata["otter"]["assignment_name"]
+        checks = importlib.import_module(f"grader.checks.{name}")
+    except (KeyError, TypeError, ValueError, OSError, ImportError):
+        return False
+    return bool(getattr(checks, "ISOLATED", False))
+
+
+def isolate_submissions(cell_timeout: int, partial_results: str | None) -> None:
+    """otter's runner grades a notebook with ``otter.execute.grade_notebook``, the tests in the
+    submission's own kernel; for a lab whose checks allow it, grade it with
+    ``grader.isolated.grade_notebook`` instead (same arguments, same ``GradingResults``): the
+    submission runs in a process without the reference, the checks or the hidden tests."""
+    from otter.run.run_autograder.runners import python_runner
+
+    from . import isolated
+
+    original = getattr(python_runner.grade_notebook, "__wrapped__", python_runner.grade_notebook)
+
+    def grade_notebook(submission_path: str, **options: Any) -> Any:
+        cwd = options.get("cwd") or os.getcwd()
+        if not isolates(os.path.join(cwd, submission_path)):
+            return original(submission_path, **options)
+        isolated.CELL_TIMEOUT = float(cell_timeout)
+        isolated.PARTIAL_RESULTS = partial_results
+        return isolated.grade_notebook(submission_path, tests_glob=options["tests_glob"],
+                                       cwd=cwd, test_dir=options.get("test_dir"))
+
+    grade_notebook.__wrapped__ = original
+    python_runner.grade_notebook = grade_notebook
 
 
 def main(autograder_dir: str = "/autograder") -> None:

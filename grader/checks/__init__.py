@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from course_runtime.sandbox import ForbiddenCall  # one class on both sides of the channel
+
 
 def check_ratio(yours: list[float], peer: list[float], *, what: str, peer_name: str,
                 bound: float, unit: str = "step", advice: str = "") -> float:
@@ -51,8 +53,25 @@ def counted_forwards(**models: Any) -> Iterator[dict[str, list[int]]]:
             hook.remove()
 
 
-class ForbiddenCall(Exception):
-    """A student's code called the library it was asked to re-implement."""
+def on_one_cpu(obj: Any) -> Any:
+    """While timing: every thread of the submission's process on one CPU, when ``obj`` lives in
+    one (a process may start threads a thread setting does not reach); else nothing to do."""
+    from grader.isolated import Proxy
+
+    return obj._student.on_one_cpu() if isinstance(obj, Proxy) else contextlib.nullcontext()
+
+
+def run_there(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``function`` (a function of ``course_runtime``, public code) where the submission's
+    objects among the arguments live: in the student's process when they are proxies (a loop of
+    a hundred thousand calls there is one request here), here otherwise."""
+    from grader.isolated import Proxy
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Proxy):
+            path = f"{function.__module__}:{function.__qualname__}"
+            return value._student.public(path, *args, **kwargs)
+    return function(*args, **kwargs)
 
 
 def _resolve(path: str) -> tuple[Any, str]:
@@ -73,8 +92,16 @@ def forbid(paths: list[str], reason: str,
     """Make each dotted ``path`` (a function or method) raise ``ForbiddenCall`` in the block.
 
     Names in ``namespace`` (a notebook's globals) bound to one of those functions, as after
-    ``from torch.autograd import grad``, are blocked too.
+    ``from torch.autograd import grad``, are blocked too. When ``namespace`` is a submission's
+    process (``grader.isolated``), the functions are blocked there, where its code runs, with
+    torch's autograd engine itself, so that a reference to it kept anywhere is blocked too.
     """
+    from grader.isolated import RemoteNamespace
+
+    if isinstance(namespace, RemoteNamespace):
+        with namespace.student.blocked(paths, reason):
+            yield
+        return
     saved: list[tuple[Any, str, Any]] = []
 
     def blocker(label: str) -> Callable[..., Any]:

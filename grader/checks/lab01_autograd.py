@@ -12,6 +12,8 @@ a bug in an op does not cost points on the engine.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +22,15 @@ import numpy as np
 import torch
 
 from course_reference import autograd as ref
+from course_runtime.opcheck import chain_of_scales
 from course_runtime.testing import assert_close, describe, float_tolerance, require, time_limit
 from course_runtime.timing import measure_interleaved, pinned_threads
-from course_runtime.training import step_matches_torch, train_step_timer
-from grader.checks import check_ratio, forbid
+from course_runtime.training import step_matches_torch, torch_losses, train_step_runner
+from grader.checks import check_ratio, forbid, on_one_cpu, run_there
+
+# The submission runs in a process of its own, these checks in the grader's (grader/isolated.py):
+# every function below also takes the proxies of a submission's objects.
+ISOLATED = True
 
 FORBIDDEN = [
     "torch.autograd.backward", "torch.autograd.grad", "torch.Tensor.backward",
@@ -486,10 +493,8 @@ def check_engine_hidden(Tensor: Any, make_node: Any, topological_order: Any, bac
     # A chain deeper than Python's recursion limit.
     with guard():
         x = nodes.leaf([1.5])
-        y = x
-        for _ in range(chain_length):
-            y = nodes.scale(y, 1.0)
-        root = nodes.total(y)
+        with time_limit(120, f"building a chain of {chain_length:,} nodes with make_node"):
+            root = run_there(chain_of_scales, make_node, x, chain_length, 1.0)
         with time_limit(120, f"backward through a chain of {chain_length:,} nodes"):
             try:
                 backward(root)
@@ -650,26 +655,46 @@ def check_speed(Tensor: Any, MLP: Any, SGD: Any, cross_entropy: Any, bound: floa
                 rounds: int = 15, namespace: dict[str, Any] | None = None) -> float:
     """Median step time of the student's engine over the reference's, measured in one process.
 
-    Returns the ratio; fails when it exceeds ``bound``, or when one step of the student's engine
-    does not compute PyTorch's loss and update. Both engines run on one thread, on every grading
-    path alike.
+    Returns the ratio; fails when it exceeds ``bound``, when one step of the student's engine
+    does not compute PyTorch's loss and update, or when the timed steps themselves do not give
+    PyTorch's losses (a step is timed only if its result is checked). Each step is timed here,
+    around the call, on one CPU and one thread for both engines, on every grading path alike.
     """
     require(Tensor=Tensor, MLP=MLP, SGD=SGD, cross_entropy=cross_entropy)
     with time_limit(60, "one training step against PyTorch's"):  # only a correct step is timed
         step_matches_torch(Tensor, MLP, SGD, cross_entropy,
                            around_engine=lambda: engine_guard(namespace))
-    reference = train_step_timer(ref.Tensor, ref.MLP, ref.SGD, ref.cross_entropy)
-    with engine_guard(namespace), time_limit(60, "building your benchmark MLP and one step"):
-        student = train_step_timer(Tensor, MLP, SGD, cross_entropy)
-        student()
+    reference, _ = train_step_runner(ref.Tensor, ref.MLP, ref.SGD, ref.cross_entropy)
+    with engine_guard(namespace), time_limit(60, "building your benchmark MLP"):
+        student, initial = run_there(train_step_runner, Tensor, MLP, SGD, cross_entropy)
+    losses: list[Any] = []
 
-    def guarded_student() -> float:
-        with engine_guard(namespace):
-            return student()
+    def timed(run: Callable[[], Any], record: list[Any] | None = None,
+              guard: Callable[[], Any] = contextlib.nullcontext) -> Callable[[], float]:
+        def step() -> float:
+            with guard():  # outside the timed region: only the step itself is timed
+                start = time.perf_counter()
+                loss = run()
+                elapsed = time.perf_counter() - start
+            if record is not None:
+                record.append(loss)
+            return elapsed
+        return step
 
-    with time_limit(240, "timing your training step (784-512-512-10 MLP, batch 256)"), \
-            pinned_threads(1):
-        times = measure_interleaved({"yours": guarded_student, "reference": reference}, rounds)
+    with on_one_cpu(student), pinned_threads(1), \
+            time_limit(240, "timing your training step (784-512-512-10 MLP, batch 256)"):
+        times = measure_interleaved({
+            "yours": timed(student, losses, guard=lambda: engine_guard(namespace)),
+            "reference": timed(reference)}, rounds)
+    expected = torch_losses(initial, len(losses))
+    got = np.asarray([float(v) if isinstance(v, (int, float, np.floating)) else np.nan
+                      for v in losses])
+    if not np.allclose(got, expected, rtol=1e-3, atol=1e-4):
+        worst = int(np.argmax(np.abs(np.nan_to_num(got - expected, nan=np.inf))))
+        raise AssertionError(
+            f"the training steps that were timed do not compute PyTorch's: after step "
+            f"{worst + 1} of {len(got)} your loss is {got[worst]:.6f}, PyTorch's from the same "
+            f"weights {expected[worst]:.6f}; only a correct step's time counts")
     return check_ratio(times["yours"], times["reference"], what="training step",
                        peer_name="the reference", bound=bound,
                        advice="profile it and remove the overhead")
