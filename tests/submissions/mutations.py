@@ -52,3 +52,37 @@ def apply(m: Mutation, solution: Path, out_dir: Path) -> Path:
     path = out_dir / f"{m.name}.ipynb"
     nbformat.write(nb, path)
     return path
+
+
+@dataclass(frozen=True)
+class Cheat:
+    """A submission that tries to earn points without the work: ``cell`` inserted into the
+    ``base`` notebook ("student", untouched, or "solution") after the code cell that contains
+    ``after``. ``targets`` are the questions it must not earn anything on; on the untouched
+    notebook that is every question."""
+    name: str
+    why: str
+    cell: str
+    after: str
+    base: str = "student"
+    targets: frozenset[str] = frozenset()
+
+
+def cheat(name: str, why: str, cell: str, after: str, base: str = "student",
+          targets: set[str] = frozenset()) -> Cheat:
+    return Cheat(name, why, cell, after, base, frozenset(targets))
+
+
+def apply_cheat(c: Cheat, notebook: Path, out_dir: Path) -> Path:
+    """Write ``notebook`` with ``c``'s cell inserted to ``out_dir/<name>.ipynb``."""
+    nb = nbformat.read(notebook, as_version=4)
+    hits = [i for i, cell in enumerate(nb.cells)
+            if cell.cell_type == "code" and c.after in cell.source]
+    if len(hits) != 1:
+        raise AssertionError(f"cheat {c.name}: expected one cell containing {c.after!r}, "
+                             f"found {len(hits)}")
+    nb.cells.insert(hits[0] + 1, nbformat.v4.new_code_cell(c.cell))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{c.name}.ipynb"
+    nbformat.write(nb, path)
+    return path
