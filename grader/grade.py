@@ -97,6 +97,10 @@ def grade_one_in_subprocess(autograder_zip: Path, submission: Path, *, timeout: 
             results = _load(results_path)
         elif reason is None:
             reason = _describe_exit(process.returncode, memory_gb)
+        if results is not None and getattr(results, "stopped", None):
+            # Graded in a process of its own that stopped part-way (grader/isolated.py): the
+            # questions before it keep their scores, the status says why the rest has none.
+            reason = results.stopped
         if results is not None and results.has_catastrophic_failure():
             reason, results = f"grading failed: {results.catastrophic_error}", None
         if results is None and partial_path.exists():

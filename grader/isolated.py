@@ -319,7 +319,13 @@ class StudentProcess:
         try:
             return self.reader.frame()
         except (EOFError, OSError, wire.WireError) as error:
-            self._kill(f"the notebook's process stopped answering ({error})")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)  # an exit closes the pipe: say how it ended
+            if self.process.returncode is not None:
+                self._kill(f"the notebook's process stopped (exit status "
+                           f"{self.process.returncode})")
+            else:
+                self._kill(f"the notebook's process stopped answering ({error})")
             raise StudentProcessGone(self.gone) from None
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -614,9 +620,13 @@ def grade_notebook(submission_path: str, *, tests_glob: list[str], cwd: str | No
                 print(f"[grader] cell {index} {status}: {outcome.get('message')}", flush=True)
         grade(sorted(tests))
     finally:
+        stopped = student.gone
         student.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    return GradingResults([tests[name] for name in sorted(tests)])
+    results = GradingResults([tests[name] for name in sorted(tests)])
+    if stopped:
+        results.stopped = stopped  # read by the batch grader for its status column
+    return results
 
 
 def _save(results: Any, path: str) -> None:

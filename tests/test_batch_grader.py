@@ -31,17 +31,24 @@ BATCH = [
     mutation("memory_hog", "the training cell grows a list until memory runs out",
              [(MODEL_LINE, "hog = []\nwhile True:\n    hog.append(np.ones(2**24))\n" + MODEL_LINE)],
              breaks={"q6"}, may_break={"q7"}),
+    mutation("hang_ignoring_interrupts", "a cell that ignores SIGINT and loops forever: the "
+             "cell limit stops it all the same", [(MODEL_LINE, "import signal\n"
+             "signal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass\n" +
+             MODEL_LINE)], breaks={"q6"}),
 ]
-# These take the kernel down: what was graded before them is kept, the rest is lost, and the
-# reason goes into the CSV's grading_status.
+# These take the notebook's process down: what was graded before them is kept, the rest is
+# lost, and the reason goes into the CSV's grading_status. Lab 1 runs the notebook in a process
+# of its own (grader/isolated.py), stopped when it ignores the grader's interrupts.
 FATAL = [
-    (mutation("hang_ignoring_interrupts", "a cell that ignores SIGINT and loops forever",
-              [(MODEL_LINE, "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-                            "while True:\n    pass\n" + MODEL_LINE)], breaks={"q6", "q7"}),
-     "timed out after 150 s"),
+    (mutation("hang_ignoring_every_signal", "a cell that ignores SIGINT and SIGALRM and loops "
+              "forever", [(MODEL_LINE, "import signal\n"
+                           "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                           "signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+                           "while True:\n    pass\n" + MODEL_LINE)], breaks={"q6", "q7"}),
+     "ignored an interrupt"),
     (mutation("kernel_crash", "a cell that kills its own kernel",
               [(MODEL_LINE, "import os\nos._exit(3)\n" + MODEL_LINE)], breaks={"q6", "q7"}),
-     "without results"),
+     "exit status 3"),
 ]
 
 
