@@ -187,17 +187,19 @@ def _resolve(path: str) -> tuple[Any, str]:
 _MISSING = object()
 
 
+def blocker(label: str, reason: str) -> Any:
+    """A function that raises ``ForbiddenCall`` for ``label`` (a dotted path), saying why."""
+    def blocked(*args: Any, **kwargs: Any) -> Any:
+        raise ForbiddenCall(f"your code called {label}: {reason}")
+    return blocked
+
+
 class Blocks:
     def __init__(self, namespace: dict[str, Any]):
         self.namespace = namespace
         self.saved: list[tuple[Any, str, Any]] = []
 
     def install(self, paths: list[str], reason: str) -> None:
-        def blocker(label: str) -> Any:
-            def blocked(*args: Any, **kwargs: Any) -> Any:
-                raise ForbiddenCall(f"your code called {label}: {reason}")
-            return blocked
-
         for path in paths:
             try:
                 owner, attribute = _resolve(path)
@@ -205,11 +207,11 @@ class Blocks:
             except (ImportError, AttributeError):
                 continue  # not importable here (the reference): nothing to block
             self.saved.append((owner, attribute, vars(owner).get(attribute, _MISSING)))
-            setattr(owner, attribute, blocker(path))
+            setattr(owner, attribute, blocker(path, reason))
             for name, value in list(self.namespace.items()):
                 if value is original:
                     self.saved.append((self.namespace, name, value))
-                    self.namespace[name] = blocker(path)
+                    self.namespace[name] = blocker(path, reason)
             if path.startswith("torch.autograd") or path == "torch.Tensor.backward":
                 from torch.autograd.variable import Variable
                 engine = Variable._execution_engine

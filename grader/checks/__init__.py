@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from course_runtime.sandbox import ForbiddenCall  # one class on both sides of the channel
+from course_runtime.sandbox import ForbiddenCall as ForbiddenCall  # one class on both sides
+from course_runtime.sandbox import blocker
 
 
 def check_ratio(yours: list[float], peer: list[float], *, what: str, peer_name: str,
@@ -103,22 +104,16 @@ def forbid(paths: list[str], reason: str,
             yield
         return
     saved: list[tuple[Any, str, Any]] = []
-
-    def blocker(label: str) -> Callable[..., Any]:
-        def blocked(*args: Any, **kwargs: Any) -> Any:
-            raise ForbiddenCall(f"your code called {label}: {reason}")
-        return blocked
-
     try:
         for path in paths:
             owner, attribute = _resolve(path)
             original = getattr(owner, attribute)
             saved.append((owner, attribute, vars(owner).get(attribute, _MISSING)))
-            setattr(owner, attribute, blocker(path))
+            setattr(owner, attribute, blocker(path, reason))
             for name, value in list((namespace or {}).items()):
                 if value is original:
                     saved.append((_Namespace(namespace), name, value))
-                    namespace[name] = blocker(path)
+                    namespace[name] = blocker(path, reason)
         yield
     finally:
         for owner, attribute, original in reversed(saved):
