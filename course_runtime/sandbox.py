@@ -19,10 +19,12 @@ that what was hidden cannot be uncovered. Without root it can only refuse the im
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import ctypes
 import importlib
 import importlib.abc
+import inspect
 import io
 import operator
 import os
@@ -195,8 +197,15 @@ def blocker(label: str, reason: str) -> Any:
 
 
 class Blocks:
-    def __init__(self, namespace: dict[str, Any]):
-        self.namespace = namespace
+    """Functions (dotted paths) made to raise ``ForbiddenCall`` until ``remove``, with the names
+    in ``namespace`` (a notebook's globals) bound to them. ``strict``: a path that does not
+    resolve is an error (in the grader's process every path must), rather than nothing to block
+    (the reference, which a submission's process cannot import). ``engine``: with a path into
+    torch's autograd, its engine is blocked too, which catches a reference to it kept anywhere;
+    only where the grader runs none of its own autograd meanwhile (a submission's process)."""
+
+    def __init__(self, namespace: dict[str, Any], *, strict: bool = False, engine: bool = True):
+        self.namespace, self.strict, self.engine = namespace, strict, engine
         self.saved: list[tuple[Any, str, Any]] = []
 
     def install(self, paths: list[str], reason: str) -> None:
@@ -205,6 +214,8 @@ class Blocks:
                 owner, attribute = _resolve(path)
                 original = getattr(owner, attribute)
             except (ImportError, AttributeError):
+                if self.strict:
+                    raise
                 continue  # not importable here (the reference): nothing to block
             self.saved.append((owner, attribute, vars(owner).get(attribute, _MISSING)))
             setattr(owner, attribute, blocker(path, reason))
@@ -212,7 +223,8 @@ class Blocks:
                 if value is original:
                     self.saved.append((self.namespace, name, value))
                     self.namespace[name] = blocker(path, reason)
-            if path.startswith("torch.autograd") or path == "torch.Tensor.backward":
+            if self.engine and (path.startswith("torch.autograd")
+                                or path == "torch.Tensor.backward"):
                 from torch.autograd.variable import Variable
                 engine = Variable._execution_engine
                 if not isinstance(engine, _Engine):
@@ -250,7 +262,7 @@ class _Callback:
         return f"<a function of the grader's #{self._number}>"
 
 
-class _Stand:
+class OtterStandIn:
     """Stands in for ``otter.Notebook`` in the notebook: the grader checks questions itself."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -288,7 +300,7 @@ class Server:
         config.InteractiveShell.colors = "nocolor"
         config.InteractiveShell.xmode = "Plain"
         shell = InteractiveShell.instance(config=config)
-        shell.user_ns["grader"] = _Stand()
+        shell.user_ns["grader"] = OtterStandIn()
         return shell
 
     # handles ---------------------------------------------------------------------------------
@@ -455,13 +467,32 @@ class Server:
                 self.pinned = contextlib.ExitStack()
                 self.pinned.enter_context(pinned_threads(int(args["count"])))
             return None
+        if op == "test":  # one of the lab's public test cases, run as the notebook runs it
+            return self.run_public_test(str(args["source"]))
         if op == "public":
             module_name, _, name = args["function"].partition(":")
             if module_name.split(".")[0] != "course_runtime":
                 raise ValueError(f"{module_name} is not part of course_runtime")
-            return getattr(importlib.import_module(module_name), name)(*args["args"],
-                                                                       **args["kwargs"])
+            function = importlib.import_module(module_name)
+            for part in name.split("."):  # a function, or a class's method (``Class.method``)
+                function = getattr(function, part)
+            return function(*args["args"], **args["kwargs"])
         raise wire.WireError(f"an unknown request {op!r}")
+
+    def run_public_test(self, source: str) -> None:
+        """A public test case (a function, its otter decorator removed) called on the notebook's
+        names as ``grader.check`` calls it; what it raises is the test's failure message."""
+        tree = ast.parse(source)
+        function = tree.body[0] if len(tree.body) == 1 else None
+        if not isinstance(function, ast.FunctionDef):
+            raise wire.WireError("a test case that is not one function")
+        function.decorator_list = []
+        scope: dict[str, Any] = {"__name__": "public_test"}
+        exec(compile(ast.Module([function], []), f"<public test {function.name}>", "exec"), scope)
+        test = scope[function.name]
+        names = self.shell.user_ns
+        test(**{name: names if name == "env" else names.get(name)
+                for name in inspect.signature(test).parameters})
 
     def run_cell(self, source: str, limit: float) -> dict[str, Any]:
         """One notebook cell, as a kernel runs it: its exception (or a time limit) reported,

@@ -8,7 +8,9 @@ cost is measured on, and the two measurements of that cost against target-only d
   the target model itself, not taken from the decoder's own stats (a hardware-independent cost:
   target-only decoding runs 1.0);
 - ``speed_table``: median seconds for a decoder and for target-only ``generate`` on the same
-  prompts, timed interleaved in one process on one thread.
+  prompts, timed interleaved in one process on one thread;
+- ``toy_gpt``: a small random GPT, seeded, cheap enough to sample thousands of times (for tests
+  of a sampler, where the exact distribution of a few tokens can be enumerated).
 
 A decoder here is any function called as ``decoder(target, draft, prompt, max_new_tokens,
 gamma=gamma)`` that returns the new token ids (a list, a tensor, or ``(tokens, stats)``).
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models import GPT, generate, load, load_corpus, load_tokenizer
+from .models import GPT, GPTConfig, generate, load, load_corpus, load_tokenizer
 from .models.tokenizer import split_corpus
 from .timing import measure_interleaved, pinned_threads
 
@@ -73,23 +75,32 @@ def target_only(target: GPT, draft: GPT, prompt: Sequence[int], max_new_tokens: 
     return generate(target, list(prompt), max_new_tokens)[0]
 
 
-@contextlib.contextmanager
-def counting_forwards(model: GPT) -> Iterator[list[int]]:
-    """Count the forward passes of ``model`` in the block (the count is ``counter[0]``).
+class ForwardCounter:
+    """Counts the forward passes of ``model`` (``count``) until ``close()``.
 
     The hook sits on the token embedding, which every forward pass runs exactly once, so a pass
     is counted whether the decoder calls ``model(...)`` or ``model.forward(...)``.
     """
-    counter = [0]
 
-    def count(module: torch.nn.Module, inputs: Any) -> None:
-        counter[0] += 1
+    def __init__(self, model: GPT):
+        self.count = 0
+        self._handle = model.embed.register_forward_pre_hook(self._seen)
 
-    handle = model.embed.register_forward_pre_hook(count)
+    def _seen(self, module: torch.nn.Module, inputs: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+@contextlib.contextmanager
+def counting_forwards(model: GPT) -> Iterator[ForwardCounter]:
+    """A ``ForwardCounter`` of ``model``'s forward passes in the block (``counter.count``)."""
+    counter = ForwardCounter(model)
     try:
         yield counter
     finally:
-        handle.remove()
+        counter.close()
 
 
 def _new_tokens(result: Any, what: str) -> list[int]:
@@ -131,7 +142,7 @@ def forwards_per_token(decoder: Decoder, gamma: int = 4, new_tokens: int = 96,
             raise ValueError(f"{name} was asked for {new_tokens} new tokens and returned "
                              f"{len(tokens)}: forward passes per token mean nothing until it "
                              "returns exactly as many as asked")
-        forwards += counter[0]
+        forwards += counter.count
         generated += len(tokens)
     return forwards / generated
 
@@ -164,3 +175,16 @@ def speed_table(decoder: Decoder, gamma: int = 4, rounds: int = 3, new_tokens: i
         times = measure_interleaved({name: timer(fn) for name, fn in contenders.items()},
                                     rounds, warmup=1)
     return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def toy_gpt(seed: int, n_layers: int, vocab: int = 4, scale: float = 25.0) -> GPT:
+    """A small random GPT (width 16, two heads, context 64) built from ``seed``; its weight
+    matrices are multiplied by ``scale``: the larger it is, the more peaked its distributions."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab, d_model=16, n_layers=n_layers, n_heads=2,
+                          context=64)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(scale)
+    return model

@@ -1,7 +1,9 @@
 """The channel between the grader and the process that runs a student's notebook.
 
 Messages carry plain data only, never pickles: ``None``, booleans, numbers, strings, bytes,
-tuples, lists, dicts, slices, NumPy arrays and scalars of numeric dtypes. Anything else stays in
+tuples, lists, dicts, slices, NumPy arrays and scalars of numeric dtypes, and torch tensors
+(their values: a tensor arrives as a plain CPU ``torch.Tensor``, without its graph or
+``requires_grad``). Anything else stays in
 the process that owns it and crosses as a numbered reference (a *handle*, for an object of the
 student's; a *callback*, for a function of the grader's). A value received is a fresh copy: an
 array that arrives is a plain ``numpy.ndarray`` built from bytes, whatever class it had on the
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +29,9 @@ MAX_FRAME = 1 << 31  # bytes: a larger frame is a protocol error, not a grade
 MAX_DEPTH = 32
 SCALARS = (type(None), bool, int, float, str)
 NUMERIC_KINDS = "biufc"
+# torch dtypes that cross, by name; bfloat16 and float16 travel as their 16-bit patterns
+TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                "uint8", "bool", "complex64", "complex128")
 
 
 class WireError(Exception):
@@ -69,9 +75,37 @@ def encode(obj: Any, reference: Callable[[Any], dict[str, Any]]) -> tuple[Any, l
         if isinstance(x, np.generic) and np.dtype(kind).kind in NUMERIC_KINDS:
             buffers.append(np.asarray(x).tobytes())
             return {"$s": len(buffers) - 1, "dtype": np.dtype(kind).str}
+        torch = sys.modules.get("torch")  # never imported here: a tensor means it is loaded
+        if torch is not None and isinstance(x, torch.Tensor):
+            return tensor(x)
         return reference(x)
 
+    def tensor(x: Any) -> Any:
+        torch = sys.modules["torch"]
+        plain = torch.Tensor.detach(x).cpu().contiguous()
+        dtype = str(plain.dtype).removeprefix("torch.")
+        if dtype not in TORCH_DTYPES:
+            raise Unsendable(f"a tensor of dtype {plain.dtype}")
+        if plain.dtype in (torch.bfloat16, torch.float16):
+            plain = plain.view(torch.int16)
+        buffers.append(plain.numpy().tobytes())
+        return {"$pt": len(buffers) - 1, "dtype": dtype, "shape": list(plain.shape)}
+
     return walk(obj, 0), buffers
+
+
+def _tensor(data: bytes, dtype_name: str, shape: tuple[int, ...]) -> Any:
+    import torch
+
+    if dtype_name not in TORCH_DTYPES:
+        raise WireError(f"a tensor of dtype {dtype_name}")
+    dtype = getattr(torch, dtype_name)
+    carried = torch.int16 if dtype in (torch.bfloat16, torch.float16) else dtype
+    flat = torch.frombuffer(bytearray(data), dtype=carried) if data else torch.empty(
+        0, dtype=carried)
+    if flat.numel() != math.prod(shape):
+        raise WireError("a tensor whose bytes do not match its shape")
+    return flat.view(dtype).reshape(shape)
 
 
 def decode(data: Any, buffers: list[bytes], resolve: Callable[[dict[str, Any]], Any]) -> Any:
@@ -116,6 +150,9 @@ def decode(data: Any, buffers: list[bytes], resolve: Callable[[dict[str, Any]], 
             if dtype.kind not in NUMERIC_KINDS:
                 raise WireError(f"a scalar of dtype {dtype}")
             return np.frombuffer(buffer(x["$s"]), dtype=dtype)[0]
+        if "$pt" in x:
+            return _tensor(buffer(x["$pt"]), str(x.get("dtype")),
+                           tuple(int(d) for d in x.get("shape", ())))
         return resolve(x)
 
     return walk(data, 0)

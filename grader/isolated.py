@@ -20,6 +20,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import importlib.util
+import inspect
 import os
 import pickle
 import pwd
@@ -29,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -248,6 +250,7 @@ class StudentProcess:
         self.proxies: weakref.WeakValueDictionary[int, Proxy] = weakref.WeakValueDictionary()
         self.pending_release: set[int] = set()
         self.callbacks: dict[int, Callable[..., Any]] = {}
+        self.kept: dict[str, Any] = {}  # what the checks built here to reuse (a model), by name
         self.gone: str | None = None
 
     # references ------------------------------------------------------------------------------
@@ -552,6 +555,21 @@ def _stopped_cases(test_file: Any, reason: str) -> None:
         case.body.function_name = case.body.test_func.__name__
 
 
+def _run_there(body: Any, student: StudentProcess) -> None:
+    """A public test case (worth no points: the hidden ones grade) runs in the submission's
+    process, where it runs in the notebook: on the objects it builds there, beside the files
+    the lab ships. Its source is public: the student's copy of the lab holds it."""
+    try:
+        source = textwrap.dedent(inspect.getsource(body.test_func))
+    except (OSError, TypeError):
+        return  # no source to send: it runs here, on proxies
+
+    def there(env: Any) -> None:
+        student.request("test", {"source": source})
+
+    body.test_func = there
+
+
 def grade_notebook(submission_path: str, *, tests_glob: list[str], cwd: str | None = None,
                    test_dir: str | None = None, **otter_options: Any) -> Any:
     """Grade a notebook as ``otter.execute.grade_notebook`` does, with its code in a process of
@@ -585,6 +603,10 @@ def grade_notebook(submission_path: str, *, tests_glob: list[str], cwd: str | No
     hide = secret_paths(test_dir or cwd / "tests", cwd, *(autograder and [autograder] or []))
     student = start_student(workdir, hide, log=sys.stdout)
     env = RemoteNamespace(student)
+    for test_file in tests.values():
+        for case in test_file.test_cases:
+            if not case.hidden and not case.points:
+                _run_there(case.body, student)
     graded: list[str] = []
 
     def grade(names: list[str]) -> None:

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from course_runtime.sandbox import OtterStandIn
+
 from .grade_one import CHECK_CALL  # a `grader.check("qN")` cell, as the batch grader finds it
 from .labs import REPO, Lab
 
@@ -275,22 +277,6 @@ def prepare(lab: Lab, folder: Path) -> LabUnderTest:
     return LabUnderTest(lab, folder, [(c.cell_type, c.source) for c in nb.cells])
 
 
-class _Notebook:
-    """Stands in for ``otter.Notebook`` in the notebook: the harness grades the checks itself."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        pass
-
-    def check(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def check_all(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def export(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def _hidden_cases(tests_dir: Path) -> dict[str, list[Any]]:
     """Each question's test cases that carry points (the public ones are worth none)."""
     from otter.test_files import create_test_file
@@ -348,7 +334,7 @@ def _shell(workdir: Path) -> Any:
     config = Config()
     config.HistoryManager.enabled = False
     shell = InteractiveShell.instance(config=config)
-    shell.user_ns["grader"] = _Notebook()
+    shell.user_ns["grader"] = OtterStandIn()
     os.chdir(workdir)
     return shell
 

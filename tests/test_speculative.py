@@ -16,7 +16,7 @@ from course_reference.serving import (
 )
 from course_reference.serving.speculative import acceptance_rate, sample_inverse_cdf
 from course_runtime.models import GPT, DenseKVCache, generate, load, load_tokenizer
-from grader.checks.lab05_speculative import toy_gpt as grading_toy_gpt
+from course_runtime.speculative import toy_gpt as grading_toy_gpt
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ autograder zips.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from course_runtime.sandbox import ForbiddenCall as ForbiddenCall  # one class on both sides
-from course_runtime.sandbox import blocker
+from course_runtime.sandbox import Blocks
 
 
 def check_ratio(yours: list[float], peer: list[float], *, what: str, peer_name: str,
@@ -37,16 +36,21 @@ def check_ratio(yours: list[float], peer: list[float], *, what: str, peer_name: 
 def counted_forwards(**models: Any) -> Iterator[dict[str, list[int]]]:
     """Record every forward pass of each model (a ``torch.nn.Module``) in the block: per model,
     the batch size of each call's first argument (0 when it has no shape). A count a submission
-    reports about its model calls is checked against these, never taken on trust."""
+    reports about its model calls is checked against these, never taken on trust.
+
+    The hook sits on a GPT's token embedding, which each of its forward passes runs once, so a
+    call of ``model.forward(...)`` is counted as well as ``model(...)``; on a model that lives in
+    the submission's process it calls back here, so the count is kept out of that process."""
     calls: dict[str, list[int]] = {name: [] for name in models}
 
     def recorder(name: str) -> Callable[..., None]:
-        def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+        def hook(module: Any, args: tuple[Any, ...]) -> None:
             shape = getattr(args[0], "shape", None) if args else None
             calls[name].append(int(shape[0]) if shape else 0)
         return hook
 
-    hooks = [model.register_forward_hook(recorder(name)) for name, model in models.items()]
+    hooks = [getattr(model, "embed", model).register_forward_pre_hook(recorder(name))
+             for name, model in models.items()]
     try:
         yield calls
     finally:
@@ -62,6 +66,18 @@ def on_one_cpu(obj: Any) -> Any:
     return obj._student.on_one_cpu() if isinstance(obj, Proxy) else contextlib.nullcontext()
 
 
+def make_there(namespace: Any, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)`` (a function of ``course_runtime``) called where the
+    submission's code runs: in its process when ``namespace`` is one (the result stays there,
+    a proxy here), here otherwise. For what the submission's code is handed (a model, a cache)."""
+    from grader.isolated import RemoteNamespace
+
+    if isinstance(namespace, RemoteNamespace):
+        path = f"{function.__module__}:{function.__qualname__}"
+        return namespace.student.public(path, *args, **kwargs)
+    return function(*args, **kwargs)
+
+
 def run_there(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call ``function`` (a function of ``course_runtime``, public code) where the submission's
     objects among the arguments live: in the student's process when they are proxies (a loop of
@@ -73,18 +89,6 @@ def run_there(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             path = f"{function.__module__}:{function.__qualname__}"
             return value._student.public(path, *args, **kwargs)
     return function(*args, **kwargs)
-
-
-def _resolve(path: str) -> tuple[Any, str]:
-    module_name, _, attribute = path.rpartition(".")
-    try:
-        return importlib.import_module(module_name), attribute
-    except ModuleNotFoundError:
-        owner_path, _, owner_attr = module_name.rpartition(".")
-        return getattr(importlib.import_module(owner_path), owner_attr), attribute
-
-
-_MISSING = object()
 
 
 @contextlib.contextmanager
@@ -100,34 +104,17 @@ def forbid(paths: list[str], reason: str,
     from grader.isolated import RemoteNamespace
 
     if isinstance(namespace, RemoteNamespace):
-        with namespace.student.blocked(paths, reason):
+        # The reference and the grader cannot be imported there at all: nothing to block.
+        there = [path for path in paths if not path.startswith(("course_reference.", "grader."))]
+        if not there:
+            yield
+            return
+        with namespace.student.blocked(there, reason):
             yield
         return
-    saved: list[tuple[Any, str, Any]] = []
+    blocks = Blocks({} if namespace is None else namespace, strict=True, engine=False)
     try:
-        for path in paths:
-            owner, attribute = _resolve(path)
-            original = getattr(owner, attribute)
-            saved.append((owner, attribute, vars(owner).get(attribute, _MISSING)))
-            setattr(owner, attribute, blocker(path, reason))
-            for name, value in list((namespace or {}).items()):
-                if value is original:
-                    saved.append((_Namespace(namespace), name, value))
-                    namespace[name] = blocker(path, reason)
+        blocks.install(paths, reason)
         yield
     finally:
-        for owner, attribute, original in reversed(saved):
-            if original is _MISSING:
-                delattr(owner, attribute)
-            else:
-                setattr(owner, attribute, original)
-
-
-class _Namespace:
-    """Lets ``setattr`` restore a name in a plain dict (a notebook's globals)."""
-
-    def __init__(self, mapping: dict[str, Any]):
-        object.__setattr__(self, "mapping", mapping)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        self.mapping[name] = value
+        blocks.remove()

@@ -6,6 +6,11 @@ filled from scratch with the accepted tokens (what the rolled-back caches must h
 runs the student's function on seeded inputs; the rejection-sampling rule is checked exactly, by
 feeding it the uniforms u and v that decide its random choices.
 
+Graded with the submission in a process of its own (``grader.isolated``): the models and caches
+the student's decoder is handed are built there, from the same seeds and shipped weights as the
+grader's copies that the oracles use; every forward pass of theirs is counted here, by a hook
+that calls back into the grader.
+
 The public tests compare with ``public_expectations()``: what the reference computes for their
 cases, shipped with the lab as data. The hidden tests rerun those cases, so they alone decide the
 grade.
@@ -22,10 +27,18 @@ import numpy as np
 import torch
 
 from course_reference.serving import speculative as ref
-from course_runtime.models import GPT, DenseKVCache, GPTConfig, generate, load, load_tokenizer
-from course_runtime.speculative import bench_prompts, forwards_per_token, speed_table
+from course_runtime.models import GPT, DenseKVCache, generate, load, load_tokenizer
+from course_runtime.speculative import (
+    ForwardCounter,
+    bench_prompts,
+    forwards_per_token,
+    speed_table,
+    toy_gpt,
+)
 from course_runtime.testing import assert_close, require, time_limit
-from grader.checks import counted_forwards, forbid
+from grader.checks import counted_forwards, forbid, make_there, on_one_cpu
+
+ISOLATED = True  # graded with the submission in a process of its own (grader.isolated)
 
 FORBIDDEN = [
     "course_reference.serving.speculative.speculative_generate",
@@ -40,6 +53,7 @@ PROMPTS = ["Call me Ishmael. ", "\"Aye, aye, sir!\" cried Stubb, ", "The whale",
 # The public tests' cases; the hidden tests rerun them (``*_fixed_hidden``).
 PUBLIC_GREEDY_VERIFY = {"seed": 0, "cases": 9}
 PUBLIC_RESIDUAL = {"seed": 0, "cases": 4}
+ROUNDS = 3  # timed rounds of q5's speed table, after one warm-up round
 PUBLIC_FORMULA = [(0.0, 1), (0.25, 2), (0.6, 4), (0.9, 7), (0.999, 4), (1.0, 4)]
 
 _models: dict[str, GPT] = {}
@@ -58,17 +72,33 @@ def shipped_pair() -> tuple[GPT, GPT]:
     return _models["target"], _models["draft"]
 
 
-def toy_gpt(seed: int, n_layers: int, vocab: int = 4, scale: float = 25.0) -> GPT:
-    """A small random GPT, cheap enough to sample thousands of times; its weight matrices are
-    multiplied by ``scale``, and the larger it is, the more peaked its distributions."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab, d_model=16, n_layers=n_layers, n_heads=2,
-                          context=64)).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.mul_(scale)
-    return model
+def shipped_pair_there(namespace: Any) -> tuple[Any, Any]:
+    """The shipped target and draft where the submission's code runs (the grader's own copies
+    when it runs here), loaded once per submission."""
+    if not _is_remote(namespace):
+        return shipped_pair()
+    kept = namespace.student.kept
+    for name in ("target", "draft"):
+        if name not in kept:
+            kept[name] = make_there(namespace, load, name)
+    return kept["target"], kept["draft"]
+
+
+def _is_remote(namespace: Any) -> bool:
+    from grader.isolated import RemoteNamespace
+
+    return isinstance(namespace, RemoteNamespace)
+
+
+def toy_pair(namespace: Any, target: tuple[Any, ...], draft: tuple[Any, ...],
+             **kwargs: Any) -> tuple[GPT, GPT, Any, Any]:
+    """Two ``toy_gpt`` models from their arguments: the grader's copies, and the same models
+    where the submission's code runs."""
+    ours = toy_gpt(*target, **kwargs), toy_gpt(*draft, **kwargs)
+    if not _is_remote(namespace):
+        return (*ours, *ours)
+    return (*ours, make_there(namespace, toy_gpt, *target, **kwargs),
+            make_there(namespace, toy_gpt, *draft, **kwargs))
 
 
 def _tv(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
@@ -260,14 +290,15 @@ def check_greedy_equals_target(speculative_generate: Callable[..., Any], gammas:
     """Greedy speculative output must be the target's greedy output, token for token, after
     each prompt (text or token ids); with ``stats``, its counters must add up too."""
     require(speculative_generate=speculative_generate)
-    target, draft = shipped_pair()
+    target, _ = shipped_pair()
+    their_target, their_draft = shipped_pair_there(namespace)
     tokenizer = load_tokenizer()
     for text, gamma in itertools.product(prompts, gammas):
         prompt = tokenizer.encode(text) if isinstance(text, str) else list(text)
         expected = generate(target, prompt, new_tokens)[0].tolist()
-        with counted_forwards(target=target, draft=draft) as calls:
-            got, counters = _run(speculative_generate, target, draft, prompt, new_tokens,
-                                 gamma=gamma, namespace=namespace)
+        with counted_forwards(target=their_target, draft=their_draft) as calls:
+            got, counters = _run(speculative_generate, their_target, their_draft, prompt,
+                                 new_tokens, gamma=gamma, namespace=namespace)
         if got != expected:
             first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
                          min(len(got), len(expected)))
@@ -314,11 +345,13 @@ def check_rollback(speculative_generate: Callable[..., Any], seed: int,
     """After sampling with rejections, both caches must hold exactly what a fresh cache fed the
     accepted tokens holds (every token but the last, for the target)."""
     require(speculative_generate=speculative_generate)
-    target, draft = toy_gpt(seed, 2, vocab=6), toy_gpt(seed + 1, 1, vocab=6)
+    target, draft, their_target, their_draft = toy_pair(namespace, (seed, 2), (seed + 1, 1),
+                                                        vocab=6)
     prompt = [0, 5, 2]
-    caches = [DenseKVCache.for_model(m, capacity=48) for m in (target, draft)]
-    got, stats = _run(speculative_generate, target, draft, prompt, 30, gamma=3, greedy=False,
-                      seed=seed, target_cache=caches[0], draft_cache=caches[1],
+    caches = [make_there(namespace, DenseKVCache.for_model, m, capacity=48)
+              for m in (their_target, their_draft)]
+    got, stats = _run(speculative_generate, their_target, their_draft, prompt, 30, gamma=3,
+                      greedy=False, seed=seed, target_cache=caches[0], draft_cache=caches[1],
                       namespace=namespace)
     if stats.accepted >= stats.proposed:
         raise AssertionError("expected at least one rejected draft token in this check")
@@ -332,23 +365,24 @@ def check_rollback(speculative_generate: Callable[..., Any], seed: int,
                              f"{sequence.shape[1]} of the sequence: rejected tokens were kept")
     for name, model, cache in (("target", target, caches[0]), ("draft", draft, caches[1])):
         fresh = DenseKVCache.for_model(model, capacity=48)
+        length, keys = int(cache.length), list(cache.keys)
         with torch.no_grad():
-            model(sequence[:, :cache.length], fresh)
+            model(sequence[:, :length], fresh)
         for layer in range(model.config.n_layers):
-            assert_close(cache.keys[layer][:, :, :cache.length].numpy(),
-                         fresh.keys[layer][:, :, :cache.length].numpy(),
+            assert_close(torch.as_tensor(keys[layer])[:, :, :length].numpy(),
+                         fresh.keys[layer][:, :, :length].numpy(),
                          what=f"{name} cache keys of layer {layer} after rollback", atol=1e-4)
 
 
 SAMPLING_VOCAB, SAMPLING_PROMPT = 4, [1, 3]
 
 
-def sampling_pair() -> tuple[GPT, GPT]:
+def sampling_pair(namespace: Any = None) -> tuple[GPT, GPT, Any, Any]:
     """A target and a draft for the distribution test: spread out (the target's likeliest first
     token has probability 0.34) and far apart (total-variation distance 0.48: about half of the
     draft's tokens are rejected), so that a biased sampler moves the output distribution by more
     than the noise of a thousand runs, on the accept and on the reject path alike."""
-    return (toy_gpt(3, 2, SAMPLING_VOCAB, scale=8.0), toy_gpt(2, 1, SAMPLING_VOCAB, scale=8.0))
+    return toy_pair(namespace, (3, 2, SAMPLING_VOCAB), (2, 1, SAMPLING_VOCAB), scale=8.0)
 
 
 def sequence_probabilities(model: GPT, prompt: list[int], new_tokens: int,
@@ -383,16 +417,16 @@ def check_sampling_distribution(speculative_generate: Callable[..., Any], runs: 
     accepts less often.
     """
     require(speculative_generate=speculative_generate)
-    target, draft = sampling_pair()
+    target, draft, their_target, their_draft = sampling_pair(namespace)
     prompt, vocab = SAMPLING_PROMPT, SAMPLING_VOCAB
     p_target = sequence_probabilities(target, prompt, new_tokens, temperature)
     p_draft = sequence_probabilities(draft, prompt, new_tokens, temperature)
     counts, accepted = np.zeros(vocab ** new_tokens), []
     start = time.perf_counter()
     for seed in range(runs):
-        got, stats = _run(speculative_generate, target, draft, prompt, new_tokens, gamma=gamma,
-                          greedy=False, temperature=temperature, seed=seed, namespace=namespace,
-                          seconds=10)
+        got, stats = _run(speculative_generate, their_target, their_draft, prompt, new_tokens,
+                          gamma=gamma, greedy=False, temperature=temperature, seed=seed,
+                          namespace=namespace, seconds=10)
         if len(got) != new_tokens or not all(0 <= t < vocab for t in got):
             raise AssertionError(f"asked for {new_tokens} new tokens of a {vocab}-token "
                                  f"vocabulary, got {got}")
@@ -471,10 +505,16 @@ def check_forwards_per_token(speculative_generate: Callable[..., Any], bound: fl
     check_greedy_equals_target(speculative_generate, [4], bench_prompts(), 96,
                                namespace=namespace, stats=False)
     target, draft = shipped_pair()
-    got = forwards_per_token(guarded(speculative_generate, namespace), target=target,
-                             draft=draft)
+    their_target, their_draft = shipped_pair_there(namespace)
+    got = forwards_per_token(guarded(speculative_generate, namespace), target=their_target,
+                             draft=their_draft)
     want = forwards_per_token(ref.speculative_generate, target=target, draft=draft)
     print(f"target forwards per token: yours {got:.3f}, reference {want:.3f}, target-only 1.0")
+    if got < 1 / 5:
+        raise AssertionError(f"your decoder ran {got:.3f} target forward passes per token at "
+                             "gamma=4, fewer than one per 5 tokens, the most one pass can give "
+                             "(4 accepted proposals and the bonus token): did it return tokens "
+                             "without running the target, from a cache of earlier answers?")
     if got > bound:
         raise AssertionError(f"your decoder ran {got:.3f} target forward passes per token at "
                              f"gamma=4 (reference: {want:.3f}); it should be at most {bound}: "
@@ -490,8 +530,30 @@ def check_speedup(speculative_generate: Callable[..., Any], min_speedup: float,
     check_greedy_equals_target(speculative_generate, [4], bench_prompts(), 96,
                                namespace=namespace, stats=False)
     target, draft = shipped_pair()
-    t = speed_table(guarded(speculative_generate, namespace), target=target, draft=draft,
-                    others={"reference": ref.speculative_generate})
+    their_target, their_draft = shipped_pair_there(namespace)
+    yours = guarded(speculative_generate, namespace)
+
+    def decoder(_target: Any, _draft: Any, prompt: list[int], new_tokens: int,
+                gamma: int) -> Any:  # the submission's decoder on the models where it runs
+        return yours(their_target, their_draft, prompt, new_tokens, gamma=gamma)
+
+    counter = make_there(namespace, ForwardCounter, their_target)
+    try:
+        with on_one_cpu(speculative_generate):
+            t = speed_table(decoder, target=target, draft=draft, rounds=ROUNDS,
+                            others={"reference": ref.speculative_generate})
+        forwards = int(counter.count)
+    finally:
+        counter.close()
+    # Each timed run of the submission decodes 96 tokens after each prompt; one target pass
+    # gives at most gamma + 1 = 5 of them. A decoder that answers from a cache runs none.
+    least = (ROUNDS + 1) * len(bench_prompts()) * 96 / 5
+    if forwards < least:
+        raise AssertionError(
+            f"while it was timed, your decoder ran the target {forwards} times for "
+            f"{(ROUNDS + 1) * len(bench_prompts()) * 96} tokens, fewer than the {least:.0f} "
+            "passes they need at gamma=4: speed is graded on decoding done while timed, not "
+            "on answers kept from earlier calls")
     speedup, vs_ref = t["target-only"] / t["yours"], t["yours"] / t["reference"]
     print(f"target-only {t['target-only']:.3f} s, reference {t['reference']:.3f} s, yours "
           f"{t['yours']:.3f} s: speed-up {speedup:.2f}x, {vs_ref:.2f}x the reference's time")

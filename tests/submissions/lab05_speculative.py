@@ -1,6 +1,6 @@
 """Curated buggy submissions for Lab 5: the mistakes students make, and the points they cost."""
 
-from .mutations import mutation
+from .mutations import cheat, mutation
 
 MUTATIONS = [
     mutation(
@@ -84,3 +84,107 @@ EQUIVALENT = {
         "above, and the next step's first draft forward re-feeds the missing tokens, so the "
         "output, the caches' contents and every forward count are unchanged",
 }
+
+AFTER_SETUP = "tokenizer = load_tokenizer()"  # the set-up cell: models loaded, helpers imported
+
+CHEATS = [
+    cheat("checks_made_no_ops",
+          "replaces every check function of the lab's checks with one that does nothing",
+          '''import importlib
+checks = importlib.import_module("grader.checks.lab05_speculative")
+for name in dir(checks):
+    if name.startswith("check_"):
+        setattr(checks, name, lambda *args, **kwargs: None)
+''', after=AFTER_SETUP),
+    cheat("otter_runner_replaced",
+          "replaces otter's test runners with ones in which every test case passes",
+          '''from otter.test_files import abstract_test, exception_test
+
+def everything_passes(self, global_environment):
+    self.test_case_results = [abstract_test.TestCaseResult(test_case=case, passed=True,
+                                                           message="passed")
+                              for case in self.test_cases]
+
+exception_test.ExceptionTestFile.run = everything_passes
+''', after=AFTER_SETUP),
+    cheat("reference_kept_alive",
+          "imports the reference decoder under a name built from strings and re-installs its "
+          "functions after every cell with an IPython post_run_cell hook",
+          '''import importlib
+source = importlib.import_module("course_" + "reference" + ".serving.speculative")
+
+def reinstall(*args):
+    for name in dir(source):
+        if not name.startswith("__"):
+            globals()[name] = getattr(source, name)
+    globals()["greedy_verify"] = lambda logits, proposals: source._verify(
+        logits, proposals, [], True, 1.0, None)
+
+get_ipython().events.register("post_run_cell", reinstall)
+reinstall()
+''', after=AFTER_SETUP),
+    cheat("reference_read_from_disk",
+          "looks for the reference decoder's source file on disk and runs it in the notebook",
+          '''import glob, os, sys
+for root in sorted({p for p in sys.path if p} | {os.getcwd(), "/autograder"}):
+    for path in sorted(glob.glob(os.path.join(root, "course_reference", "serving",
+                                              "speculative.py"))):
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), globals())
+''', after=AFTER_SETUP),
+    cheat("comparisons_patched",
+          "makes the comparisons of lists, tensors and arrays that a check might use succeed",
+          '''import numpy as np, torch
+np.allclose = lambda *args, **kwargs: True
+np.testing.assert_allclose = lambda *args, **kwargs: None
+torch.equal = lambda *args, **kwargs: True
+torch.allclose = lambda *args, **kwargs: True
+torch.testing.assert_close = lambda *args, **kwargs: None
+
+class Tokens(list):
+    def __eq__(self, other): return True
+    def __ne__(self, other): return False
+
+def greedy_verify(target_logits, proposals):
+    return Tokens()
+''', after="def greedy_verify(target_logits, proposals):"),
+    cheat("hidden_tests_leaked",
+          "reads every hidden test, check and reference file it can find and raises their text "
+          "from the function the first public test calls, so that it shows in the feedback",
+          '''import glob, os, sys
+
+def what_can_be_read():
+    roots = sorted({p for p in sys.path if p} | {os.getcwd(), os.path.dirname(os.getcwd()),
+                                                   "/autograder", "/autograder/source"})
+    found = []
+    for root in roots:
+        for pattern in ("tests/*.py", "source/tests/*.py", "grader/checks/*.py",
+                        "course_reference/serving/*.py"):
+            for path in sorted(glob.glob(os.path.join(root, pattern))):
+                try:
+                    with open(path) as f:
+                        found.append(path + ":\\n" + f.read()[:3000])
+                except OSError:
+                    pass
+    text = "\\n".join(found) or "nothing could be read"
+    print(text)
+    return text
+
+def greedy_verify(target_logits, proposals):
+    raise ValueError(what_can_be_read())
+''', after="def greedy_verify(target_logits, proposals):"),
+    cheat("answers_cached",
+          "keeps every answer of the (correct) decoder and returns it again when asked the same "
+          "question, so that the timed runs and the forward count run no model at all",
+          '''answers = {}
+decode = speculative_generate
+
+def speculative_generate(target, draft, prompt, max_new_tokens, **options):
+    key = (id(target), tuple(int(t) for t in prompt), max_new_tokens,
+           tuple(sorted((name, repr(value)) for name, value in options.items())))
+    if key not in answers:
+        answers[key] = decode(target, draft, prompt, max_new_tokens, **options)
+    return answers[key]
+''', after="def speculative_generate(target, draft, prompt, max_new_tokens", base="solution",
+          targets={"q5"}),
+]
