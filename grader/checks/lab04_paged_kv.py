@@ -250,12 +250,26 @@ def check_block_tables(append_slots: Any, fork: Any, release: Any, seed: int, st
                 n = rng.randint(1, 2 * block_size)
                 log.append(f"append_slots(table {i}, {n})")
                 before = (list(table.blocks), table.num_tokens, allocator.num_free)
+                first = len(tokens) // block_size  # the block the first new token goes into
+                copy = first < len(table.blocks) and allocator.ref_count(table.blocks[first]) > 1
+                needed = blocks_for(len(tokens) + n, block_size) - len(table.blocks) + copy
                 try:
                     slots = append_slots(table, allocator, n, copy_block)
-                except OutOfBlocks:
+                except OutOfBlocks as error:
+                    where = f"after {'; '.join(log[-6:])}: append_slots raised OutOfBlocks"
                     if (list(table.blocks), table.num_tokens) != before[:2]:
-                        raise AssertionError(f"after {'; '.join(log[-6:])}: append_slots raised "
-                                             "OutOfBlocks but changed the table") from None
+                        raise AssertionError(f"{where} but changed the table") from None
+                    if needed <= before[2]:
+                        raise AssertionError(f"{where}, but it needs {needed} blocks "
+                                             f"({'one of them a copy, ' if copy else ''}"
+                                             f"{before[2]} free): they fit") from None
+                    fields = (error.needed, error.free, error.total)
+                    if fields != (needed, before[2], num_blocks):
+                        raise AssertionError(
+                            f"{where}{fields} (needed, free, total), expected "
+                            f"{(needed, before[2], num_blocks)}: the blocks it needs count the "
+                            f"new ones{' and the copy of the shared one' if copy else ''}"
+                            ) from None
                     continue
                 slots = [(int(b), int(o)) for b, o in slots]
                 if len(slots) != n:
@@ -714,6 +728,45 @@ def check_serve(serve: Any, seed: int, count: int, num_blocks: int, max_batch: i
                              f"most {bound} here: admit waiting requests as soon as blocks are "
                              "free, not when the whole batch is done")
     check_never_fits(serve, model, num_blocks, block_size, max_batch, namespace)
+    check_serve_edges(serve, model, namespace)
+
+
+def check_serve_edges(serve: Any, model: torch.nn.Module,
+                      namespace: dict[str, Any] | None = None) -> None:
+    """The edges of the admission rule, on a cache of 4 blocks of 4: a request that needs the
+    whole cache is served (it fits); a second one waits until the first has given its blocks
+    back (admitting it at once runs out); requests of one new token are done at their prefill
+    (one model call each, nothing left running)."""
+    num_blocks, block_size = 4, 4
+    whole = Request(id=0, prompt=tuple(range(1, num_blocks * block_size - 1)), max_new_tokens=2)
+    small = Request(id=1, prompt=(5,), max_new_tokens=3)
+    single = [Request(id=2, prompt=(3, 1, 4), max_new_tokens=1),
+              Request(id=3, prompt=(1, 5, 9, 2, 6), max_new_tokens=1)]
+    cases = [([whole, small], "a request of exactly the cache's 4 blocks, then one of 1 block"),
+             (single, "two requests of one new token each")]
+    for requests, what in cases:
+        with counted_forwards(model=model) as calls:
+            try:
+                outputs, steps, cache = _serve(serve, model, requests, num_blocks, block_size,
+                                               8, namespace)
+            except ValueError as error:
+                raise AssertionError(f"{what}, on a cache of {num_blocks} blocks of "
+                                     f"{block_size}: serve raised ValueError ({error}), but "
+                                     "every request fits in the cache") from None
+        for r in requests:
+            expected = greedy_reference(model, r.prompt, r.max_new_tokens)
+            if list(map(int, outputs.get(r.id, []))) != expected:
+                raise AssertionError(f"{what}: request {r.id} ({len(r.prompt)}-token prompt, "
+                                     f"{r.max_new_tokens} new) got {outputs.get(r.id)}, "
+                                     f"expected {expected}: a request is done as soon as it "
+                                     "has its max_new_tokens tokens, even at its prefill")
+        if steps != len(calls["model"]) or cache.allocator.num_free != num_blocks:
+            raise AssertionError(f"{what}: serve returned steps={steps} after "
+                                 f"{len(calls['model'])} model calls and left "
+                                 f"{num_blocks - cache.allocator.num_free} blocks taken")
+        if requests is single and steps != len(single):
+            raise AssertionError(f"{what}: serve called the model {steps} times; each is done "
+                                 "at its prefill, so one call each is all it takes")
 
 
 def check_never_fits(serve: Any, model: torch.nn.Module, num_blocks: int, block_size: int,

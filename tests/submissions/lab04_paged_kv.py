@@ -129,4 +129,16 @@ EQUIVALENT = {
         "transpose(1, 0) is transpose(0, 1)",
     "paged_decode_attention: swap arguments: torch.maximum(running_max, scores.amax(-1))":
         "torch.maximum is symmetric",
+    "paged_decode_attention: 0 -> -1: 0 #3":
+        "the product's last dimension has size 1 (one query per sequence): index -1 is index 0",
+    "paged_decode_attention: 0 -> -1: 0 #4":
+        "the product's third dimension has size 1 (one row of weights): index -1 is index 0",
+    "generate_paged: 0 -> -1: 0":
+        "each prompt is prefilled alone, a batch of one row: row -1 is row 0",
+    "generate_paged: 1 -> 0: 1 #4":
+        "a decode step feeds one token per sequence, so the logits have one position: -0 is -1",
+    "serve: 0 -> -1: 0 #4":
+        "each prompt is prefilled alone, a batch of one row: row -1 is row 0",
+    "serve: 1 -> 0: 1 #6":
+        "a decode step feeds one token per sequence, so the logits have one position: -0 is -1",
 }
