@@ -196,6 +196,22 @@ def blocker(label: str, reason: str) -> Any:
     return blocked
 
 
+NOTEBOOK: dict[str, Any] = {}  # in a submission's process: the notebook's names (``blocking``)
+
+
+@contextlib.contextmanager
+def blocking(paths: list[str], reason: str) -> Any:
+    """``Blocks`` of ``paths`` for the block, the notebook's names bound to them included when
+    it runs in a submission's process: how code of ``course_runtime`` that calls a submission
+    there (a rank of a launch) blocks what a check forbids, call by call."""
+    blocks = Blocks(NOTEBOOK)
+    blocks.install(list(paths), reason)
+    try:
+        yield
+    finally:
+        blocks.remove()
+
+
 class Blocks:
     """Functions (dotted paths) made to raise ``ForbiddenCall`` until ``remove``, with the names
     in ``namespace`` (a notebook's globals) bound to them. ``strict``: a path that does not
@@ -288,6 +304,9 @@ class Server:
         self.current = 0  # the request being served, for interrupts
         self.shell = self._shell()
         self.blocks = Blocks(self.shell.user_ns)
+        from course_runtime import sandbox as public  # this file runs as __main__
+
+        public.NOTEBOOK = self.shell.user_ns
         self.pinned: contextlib.ExitStack | None = None
 
     @staticmethod

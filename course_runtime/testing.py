@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -120,3 +120,14 @@ def expected(key: str) -> Any:
     if key not in data:
         raise AssertionError(f"{EXPECTED_FILE} has no entry {key!r}: is it the file of this lab?")
     return data[key]
+
+
+def views_of(unflatten: Callable[..., Any], flat: Any, shapes: Any) -> tuple[list[Any], list[bool]]:
+    """``unflatten(flat, shapes)`` as a list, and for each tensor in it whether it is a view of
+    ``flat`` (shares its memory; an empty tensor counts as one) rather than a copy."""
+    import torch
+
+    views = list(unflatten(flat, shapes))
+    base = flat.untyped_storage().data_ptr()
+    return views, [isinstance(v, torch.Tensor) and (
+        not v.numel() or v.untyped_storage().data_ptr() == base) for v in views]

@@ -196,9 +196,24 @@ def _train_rank(rank: int, world_size: int, cls: Any, sizes: Sequence[int], seed
     return out
 
 
+Forbidden = tuple[Sequence[str], str]  # dotted paths a check blocks, and why
+
+
+def _guard(guard: Guard, forbidden: Forbidden | None) -> Guard:
+    """``guard``, or with ``forbidden`` the blocking of those paths around each call (for a
+    check that calls this where the submission runs, and cannot send a guard of its own)."""
+    if forbidden is None:
+        return guard
+    from ..sandbox import blocking
+
+    paths, reason = list(forbidden[0]), str(forbidden[1])
+    return lambda: blocking(paths, reason)
+
+
 def train_on_ranks(cls: Any, world_size: int, sizes: Sequence[int], seed: int = 0,
                    steps: int = STEPS, guard: Guard = contextlib.nullcontext,
-                   timeout: float = 90) -> list[dict[str, Any]]:
+                   timeout: float = 90, forbidden: Forbidden | None = None
+                   ) -> list[dict[str, Any]]:
     """Train ``cls`` for ``steps`` steps of ``global_batches`` on ``world_size`` forked ranks,
     each on its slice, and return what each rank recorded, in rank order:
 
@@ -207,9 +222,11 @@ def train_on_ranks(cls: Any, world_size: int, sizes: Sequence[int], seed: int = 
     each step), ``grads_left`` (parameters still holding a ``.grad`` after each backward),
     ``after_forward`` and ``after_step`` (bytes of parameter storage held then) and
     ``state_bytes`` (the optimizer's state at the end). ``guard()`` wraps every call into
-    ``cls``. A rank that fails or hangs becomes an ``AssertionError`` that names it.
+    ``cls`` (or, with ``forbidden``, blocks those paths around it). A rank that fails or hangs
+    becomes an ``AssertionError`` that names it.
     """
     label = f"{cls.__name__} (MLP {'-'.join(map(str, sizes))}, N={world_size})"
+    guard = _guard(guard, forbidden)
     try:
         return launch(_train_rank, world_size, cls, tuple(sizes), seed, steps, guard,
                       timeout=timeout, group_timeout=30, threads=1)
@@ -404,7 +421,7 @@ def _time_rank(rank: int, world_size: int, classes: dict[int, Any], rounds: int,
     difference = {}
     for stage in classes:
         if stage < 3:
-            difference[stage] = max(float((p - q).abs().max()) for p, q in
+            difference[stage] = max(float((p - q).detach().abs().max()) for p, q in
                                     zip(models[f"yours {stage}"].parameters(),
                                         models["pytorch 1"].parameters()))
     return {"times": times, "difference": difference}
@@ -412,7 +429,8 @@ def _time_rank(rank: int, world_size: int, classes: dict[int, Any], rounds: int,
 
 def time_against_pytorch(classes: dict[int, Any], world_size: int = 2, rounds: int = 10,
                          warmup: int = 2, guard: Guard = contextlib.nullcontext,
-                         timeout: float = 300) -> dict[int, dict[str, Any]]:
+                         timeout: float = 300, forbidden: Forbidden | None = None
+                         ) -> dict[int, dict[str, Any]]:
     """Time a training step of each ``classes[stage]`` (your ``Zero1``, ``Zero2``, ``Zero3``)
     against PyTorch's own on the benchmark's MLP (``SIZES``, batch ``BATCH`` per rank),
     interleaved round by round in the same forked processes, one thread per rank.
@@ -423,6 +441,7 @@ def time_against_pytorch(classes: dict[int, Any], world_size: int = 2, rounds: i
     largest gap between your parameters and ZeroRedundancyOptimizer's after every timed step.
     """
     label = ", ".join(f"{cls.__name__}" for cls in classes.values())
+    guard = _guard(guard, forbidden)
     try:
         results = launch(_time_rank, world_size, dict(classes), rounds, warmup, guard,
                          timeout=timeout, group_timeout=60, threads=1)

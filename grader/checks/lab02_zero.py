@@ -13,6 +13,12 @@ test naming the rank), each rank on its slice of a global batch, and are compare
   ZeRO paper's volume (2Ψ or 3Ψ, times (N-1)/N) and that volume with the padding;
 * at stages 2 and 3, that the full gradients are dropped once reduced, and at stage 3 that
   every gathered parameter is freed after use.
+
+Graded with the submission in a process of its own (``grader.isolated``): the ranks are forked
+from that process, by the runtime's harness, with what the checks forbid blocked there, and what
+each rank recorded comes back as plain data to be compared here. Speed is a ratio of ratios:
+yours against PyTorch's ``ZeroRedundancyOptimizer`` in the same ranks, over the reference
+against it in ranks of the grader's.
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ from course_runtime.distributed import LaunchTimeout, WorkerError, launch
 from course_runtime.distributed.data_parallel import (
     assert_sharded_training,
     mlp,
-    sharded_timer,
+    time_against_pytorch,
     train_on_ranks,
     train_single_process,
+    zero_redundancy_timer,
 )
-from course_runtime.testing import assert_close, require, time_limit
-from grader.checks import check_ratio, forbid
+from course_runtime.testing import assert_close, require, time_limit, views_of
+from grader.checks import forbid, run_there
+
+ISOLATED = True  # graded with the submission in a process of its own (grader.isolated)
 
 FORBIDDEN = [
     "torch.distributed.optim.ZeroRedundancyOptimizer",
@@ -58,6 +67,16 @@ PUBLIC_WORLD_SIZE = 2
 
 def guard(namespace: dict[str, Any] | None = None) -> Any:
     return forbid(FORBIDDEN, REASON, namespace)
+
+
+def _guarded(cls: Any, namespace: dict[str, Any] | None) -> dict[str, Any]:
+    """How the runtime's harness is to guard each call into ``cls`` on its ranks: by what it
+    blocks itself where the submission runs in a process of its own, by ``guard`` here."""
+    from grader.isolated import is_remote
+
+    if is_remote(cls):
+        return {"forbidden": (FORBIDDEN, REASON)}
+    return {"guard": lambda: guard(namespace)}
 
 
 def sizes_for(seed: int) -> tuple[int, ...]:
@@ -115,7 +134,8 @@ def check_zero(cls: Any, stage: int, world_size: int, seed: int,
     require(**{f"Zero{stage}": cls})
     sizes = sizes_for(seed)
     label = f"Zero{stage} (MLP {'-'.join(map(str, sizes))}, N={world_size})"
-    results = train_on_ranks(cls, world_size, sizes, seed, guard=lambda: guard(namespace))
+    results = run_there(train_on_ranks, cls, world_size, tuple(sizes), seed,
+                        **_guarded(cls, namespace))
     expected_shards = _expected_shards(sizes, world_size, seed, stage)
     for rank, result in enumerate(results):
         for step, (got, want) in enumerate(zip(result["grad_shards"], expected_shards)):
@@ -180,14 +200,13 @@ def check_partition(padded_size: Any, shard_range: Any, flatten_padded: Any, unf
         assert_close(flat, padded.numpy(), atol=0.0,
                      what=f"flatten_padded of shapes {shapes} for world size {n}")
         with guard(namespace), time_limit(5, "unflatten"):
-            views = list(unflatten(flat, shapes))
+            views, shared = run_there(views_of, unflatten, flat, shapes)
         if len(views) != len(shapes):
             raise AssertionError(f"unflatten returned {len(views)} tensors for {len(shapes)} "
                                  "shapes")
-        for shape, t, view in zip(shapes, tensors, views):
+        for shape, t, view, is_view in zip(shapes, tensors, views, shared):
             assert_close(view, t.numpy(), atol=0.0, what=f"unflatten: tensor of shape {shape}")
-            if view.numel() and view.untyped_storage().data_ptr() != \
-                    flat.untyped_storage().data_ptr():
+            if not is_view:
                 raise AssertionError(f"unflatten returned a copy for shape {shape}: return views "
                                      "of the flat buffer (slice and .view), so that writing "
                                      "into the buffer updates the parameters")
@@ -228,44 +247,57 @@ def check_theory(theory_bytes: Any, theory_traffic: Any, seed: int, cases: int,
 # q6: speed against the reference
 # --------------------------------------------------------------------------------------------
 
-def _speed_worker(rank: int, world_size: int, cls: Any, stage: int, rounds: int,
-                  namespace: dict[str, Any] | None) -> dict[str, list[float]]:
-    timers = {}
-    timers["yours"], model = sharded_timer(cls, rank, lambda: guard(namespace))
-    timers["reference"], reference = reference_timer(stage, rank)
+def _reference_vs_pytorch(rank: int, world_size: int, stage: int, rounds: int,
+                          warmup: int) -> dict[str, list[float]]:
+    timers = {"reference": reference_timer(stage, rank)[0],
+              "pytorch": zero_redundancy_timer(rank)[0]}
     times: dict[str, list[float]] = {name: [] for name in timers}
-    for i in range(rounds + 2):
+    for i in range(warmup + rounds):
         for name, timer in timers.items():
             elapsed = timer()
-            if i >= 2:
+            if i >= warmup:
                 times[name].append(elapsed)
-    # Both trained on the same batches from the same weights: a fast step must also be right.
-    times["difference"] = [max(float((p - q).abs().max()) for p, q in
-                               zip(model.parameters(), reference.module.parameters()))]
     return times
 
 
 def check_speed(cls: Any, stage: int, world_size: int, bound: float, rounds: int = 10,
                 namespace: dict[str, Any] | None = None) -> float:
-    """Median step time (slowest rank per round) of the student's ZeRO over the reference's, on
-    the benchmark's MLP, interleaved in the same processes, one thread per rank. Fails above
-    ``bound``, or when the timed steps did not train the model as the reference does."""
+    """The student's ZeRO step time over the reference's, on the benchmark's MLP, one thread per
+    rank, each round timed on its slowest rank, as a ratio of ratios: the student's step over
+    PyTorch's DDP with ``ZeroRedundancyOptimizer``, interleaved in the same ranks (forked where
+    the submission runs), over the reference's step over PyTorch's, interleaved in ranks of the
+    grader's; PyTorch's step is the yardstick that carries from one set of ranks to the other.
+    Fails above ``bound``, or when the timed steps did not train the model as PyTorch does."""
     require(**{f"Zero{stage}": cls})
-    try:
-        results = launch(_speed_worker, world_size, cls, stage, rounds, namespace, timeout=240,
-                         threads=1)
-    except (WorkerError, LaunchTimeout) as error:
-        raise AssertionError(f"timing Zero{stage} failed: {error}") from None
-    difference = max(r["difference"][0] for r in results)
-    if not difference < 1e-4:
+    if stage not in (1, 2):
+        raise ValueError("speed is graded at stages 1 and 2, against ZeroRedundancyOptimizer")
+    table = run_there(time_against_pytorch, {stage: cls}, world_size, rounds, 2, timeout=240,
+                      **_guarded(cls, namespace))[stage]
+    if not table["difference"] < 1e-4:
         raise AssertionError(f"after {rounds + 2} timed steps your Zero{stage}'s parameters "
-                             f"differ from the reference's by up to {difference:.3g}: the speed "
-                             "test only counts a step that trains the model correctly")
-    per_round = {name: [max(r[name][i] for r in results) for i in range(rounds)]
-                 for name in ("yours", "reference")}
-    return check_ratio(per_round["yours"], per_round["reference"],
-                       what=f"ZeRO-{stage} step at N={world_size}", peer_name="the reference",
-                       bound=bound)
+                             f"differ from ZeroRedundancyOptimizer's by up to "
+                             f"{table['difference']:.3g}: the speed test only counts a step that "
+                             "trains the model correctly")
+    try:
+        ranks = launch(_reference_vs_pytorch, world_size, stage, rounds, 2, timeout=240,
+                       threads=1)
+    except (WorkerError, LaunchTimeout) as error:
+        raise RuntimeError(f"timing the reference failed: {error}") from None
+    reference = [max(r["reference"][i] for r in ranks) for i in range(rounds)]
+    pytorch = [max(r["pytorch"][i] for r in ranks) for i in range(rounds)]
+    yours_vs = float(np.median(table["yours"]) / np.median(table["pytorch"]))
+    reference_vs = float(np.median(reference) / np.median(pytorch))
+    ratio = yours_vs / reference_vs
+    print(f"ZeRO-{stage} step at N={world_size}: yours {np.median(table['yours']) * 1e3:.2f} ms "
+          f"against PyTorch's {np.median(table['pytorch']) * 1e3:.2f} ms ({yours_vs:.2f}x); the "
+          f"reference {np.median(reference) * 1e3:.2f} ms against {np.median(pytorch) * 1e3:.2f}"
+          f" ms ({reference_vs:.2f}x): yours takes {ratio:.2f}x the reference's time")
+    if ratio > bound:
+        raise AssertionError(
+            f"your ZeRO-{stage} step takes {yours_vs:.2f}x the time of PyTorch's DDP with "
+            f"ZeroRedundancyOptimizer, the reference's {reference_vs:.2f}x: {ratio:.2f}x the "
+            f"reference's time (medians of {rounds} interleaved rounds; the bound is {bound:g}x)")
+    return ratio
 
 
 def public_expectations() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Curated buggy submissions for Lab 1: the mistakes students make, and the points they cost."""
 
-from .mutations import cheat, mutation
+from .mutations import cheat, cheats_for, mutation
 
 RECURSIVE_ORDER = '''def topological_order(root):
     order, visited = [], set()
@@ -166,26 +166,14 @@ EQUIVALENT = {
 # Submissions that try to earn points without the work, each one cell. Graded with the
 # submission in a process of its own (grader/isolated.py), none earns a point on its targets;
 # graded in the student's kernel, as otter does, the first three earned 50/50.
+# The set-up cell of the untouched notebook, after which most cheats go.
+SETUP = "from course_runtime.data import load_digits_split"
+
 CHEATS = [
-    cheat("checks_made_no_ops",
-          "replaces every check function of the lab's checks with one that does nothing",
-          '''import importlib
-checks = importlib.import_module("grader.checks.lab01_autograd")
-for name in dir(checks):
-    if name.startswith("check_"):
-        setattr(checks, name, lambda *args, **kwargs: None)
-''', after="from course_runtime.data import load_digits_split"),
-    cheat("otter_runner_replaced",
-          "replaces otter's test runner with one in which every test case passes",
-          '''from otter.test_files import abstract_test, python_test
-
-def everything_passes(self, global_environment):
-    self.test_case_results = [abstract_test.TestCaseResult(test_case=case, passed=True,
-                                                           message="passed")
-                              for case in self.test_cases]
-
-python_test.PythonTestFile.run = everything_passes
-''', after="from course_runtime.data import load_digits_split"),
+    *cheats_for("lab01_autograd", SETUP, "course_reference/autograd/*.py",
+                "def unbroadcast(grad, shape):",
+                ["broadcast_shape(op, *shapes)", "unbroadcast(grad, shape)"],
+                "course_reference/autograd"),
     cheat("reference_kept_alive",
           "imports the reference under a name built from strings and re-installs its functions "
           "after every cell with an IPython post_run_cell hook",
@@ -201,15 +189,7 @@ def reinstall(*args):
 
 get_ipython().events.register("post_run_cell", reinstall)
 reinstall()
-''', after="from course_runtime.data import load_digits_split"),
-    cheat("reference_read_from_disk",
-          "looks for the reference's source files on disk and runs them in the notebook",
-          '''import glob, os, sys
-for root in sorted({p for p in sys.path if p} | {os.getcwd(), "/autograder"}):
-    for path in sorted(glob.glob(os.path.join(root, "course_reference", "autograd", "*.py"))):
-        with open(path) as f:
-            exec(compile(f.read(), path, "exec"), globals())
-''', after="from course_runtime.data import load_digits_split"),
+''', after=SETUP),
     cheat("comparisons_patched",
           "makes NumPy's and PyTorch's comparisons always succeed",
           '''import numpy as np, torch
@@ -219,7 +199,7 @@ np.testing.assert_allclose = lambda *args, **kwargs: None
 np.testing.assert_array_equal = lambda *args, **kwargs: None
 torch.allclose = lambda *args, **kwargs: True
 torch.testing.assert_close = lambda *args, **kwargs: None
-''', after="from course_runtime.data import load_digits_split"),
+''', after=SETUP),
     cheat("always_equal",
           "every function returns an object equal to anything, with every attribute",
           '''class Anything:
@@ -239,34 +219,6 @@ for name in ("broadcast_shape", "unbroadcast", "add", "sub", "mul", "div", "neg"
              "cross_entropy", "Tensor", "make_node", "SGD", "Adam", "MLP", "Linear"):
     globals()[name] = Anything()
 ''', after="def backward(root, grad=None):"),
-    cheat("hidden_tests_leaked",
-          "reads every hidden test, check and reference file it can find and raises their text "
-          "from the functions the public tests call, so that it shows in the public feedback",
-          '''import glob, os, sys
-
-def what_can_be_read():
-    roots = sorted({p for p in sys.path if p} | {os.getcwd(), os.path.dirname(os.getcwd()),
-                                                   "/autograder", "/autograder/source"})
-    found = []
-    for root in roots:
-        for pattern in ("tests/*.py", "source/tests/*.py", "grader/checks/*.py",
-                        "course_reference/autograd/*.py"):
-            for path in sorted(glob.glob(os.path.join(root, pattern))):
-                try:
-                    with open(path) as f:
-                        found.append(path + ":\\n" + f.read()[:3000])
-                except OSError:
-                    pass
-    text = "\\n".join(found) or "nothing could be read"
-    print(text)
-    return text
-
-def broadcast_shape(op, *shapes):
-    raise ValueError(what_can_be_read())
-
-def unbroadcast(grad, shape):
-    raise ValueError(what_can_be_read())
-''', after="def unbroadcast(grad, shape):"),
     cheat("unary_gradients_from_torch_in_a_dict",
           "computes the unary ops' gradients with torch.autograd.grad, kept in a dict so that "
           "swapping module attributes does not reach it",

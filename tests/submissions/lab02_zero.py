@@ -1,6 +1,6 @@
 """Curated buggy submissions for Lab 2: the mistakes students make, and the points they cost."""
 
-from .mutations import mutation
+from .mutations import cheat, cheats_for, mutation
 
 ZERO1_REDUCE = '''        mine = torch.empty_like(unit.shard)
         comm.reduce_scatter(mine, flat)
@@ -73,3 +73,36 @@ EQUIVALENT = {
     "Zero3.gather: drop statement: return": _GUARD,
     "Zero3.gather: drop statement: if unit.is_gathered(): return": _GUARD,
 }
+
+
+# Submissions that try to earn points without the work, each one cell; graded with the
+# submission in a process of its own (grader/isolated.py), none earns a point.
+SETUP = "from course_runtime.distributed.data_parallel import mlp, speed_table"
+
+CHEATS = [
+    *cheats_for("lab02_zero", SETUP, "course_reference/parallel/*.py",
+                "def unflatten(flat, shapes):",
+                ["padded_size(numel, world_size)", "shard_range(numel, world_size, rank)"],
+                "course_reference/parallel"),
+    cheat("reference_kept_alive",
+          "imports the reference ZeRO under a name built from strings and re-installs it as the "
+          "lab's classes and functions after every cell with an IPython post_run_cell hook",
+          '''import importlib
+zero = importlib.import_module("course_" + "reference" + ".parallel.zero")
+memory = importlib.import_module("course_" + "reference" + ".parallel.memory")
+
+def stage(n):
+    def make(model, lr, weight_decay=0.0, betas=(0.9, 0.999)):
+        return zero.ZeroAdamW(model, stage=n, lr=lr, weight_decay=weight_decay)
+    return make
+
+def reinstall(*args):
+    globals().update(Zero1=stage(1), Zero2=stage(2), Zero3=stage(3),
+                     padded_size=zero.padded_numel, shard_range=zero.shard_bounds,
+                     theory_traffic=lambda psi, n, s: memory.comm_volume(psi, n, s,
+                                                                         element_bytes=4))
+
+get_ipython().events.register("post_run_cell", reinstall)
+reinstall()
+''', after=SETUP),
+]

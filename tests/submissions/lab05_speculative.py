@@ -1,6 +1,6 @@
 """Curated buggy submissions for Lab 5: the mistakes students make, and the points they cost."""
 
-from .mutations import cheat, mutation
+from .mutations import cheat, cheats_for, mutation
 
 MUTATIONS = [
     mutation(
@@ -88,25 +88,9 @@ EQUIVALENT = {
 AFTER_SETUP = "tokenizer = load_tokenizer()"  # the set-up cell: models loaded, helpers imported
 
 CHEATS = [
-    cheat("checks_made_no_ops",
-          "replaces every check function of the lab's checks with one that does nothing",
-          '''import importlib
-checks = importlib.import_module("grader.checks.lab05_speculative")
-for name in dir(checks):
-    if name.startswith("check_"):
-        setattr(checks, name, lambda *args, **kwargs: None)
-''', after=AFTER_SETUP),
-    cheat("otter_runner_replaced",
-          "replaces otter's test runners with ones in which every test case passes",
-          '''from otter.test_files import abstract_test, exception_test
-
-def everything_passes(self, global_environment):
-    self.test_case_results = [abstract_test.TestCaseResult(test_case=case, passed=True,
-                                                           message="passed")
-                              for case in self.test_cases]
-
-exception_test.ExceptionTestFile.run = everything_passes
-''', after=AFTER_SETUP),
+    *cheats_for("lab05_speculative", AFTER_SETUP, "course_reference/serving/speculative.py",
+                "def greedy_verify(target_logits, proposals):",
+                ["greedy_verify(target_logits, proposals)"], "course_reference/serving"),
     cheat("reference_kept_alive",
           "imports the reference decoder under a name built from strings and re-installs its "
           "functions after every cell with an IPython post_run_cell hook",
@@ -123,15 +107,6 @@ def reinstall(*args):
 get_ipython().events.register("post_run_cell", reinstall)
 reinstall()
 ''', after=AFTER_SETUP),
-    cheat("reference_read_from_disk",
-          "looks for the reference decoder's source file on disk and runs it in the notebook",
-          '''import glob, os, sys
-for root in sorted({p for p in sys.path if p} | {os.getcwd(), "/autograder"}):
-    for path in sorted(glob.glob(os.path.join(root, "course_reference", "serving",
-                                              "speculative.py"))):
-        with open(path) as f:
-            exec(compile(f.read(), path, "exec"), globals())
-''', after=AFTER_SETUP),
     cheat("comparisons_patched",
           "makes the comparisons of lists, tensors and arrays that a check might use succeed",
           '''import numpy as np, torch
@@ -147,31 +122,6 @@ class Tokens(list):
 
 def greedy_verify(target_logits, proposals):
     return Tokens()
-''', after="def greedy_verify(target_logits, proposals):"),
-    cheat("hidden_tests_leaked",
-          "reads every hidden test, check and reference file it can find and raises their text "
-          "from the function the first public test calls, so that it shows in the feedback",
-          '''import glob, os, sys
-
-def what_can_be_read():
-    roots = sorted({p for p in sys.path if p} | {os.getcwd(), os.path.dirname(os.getcwd()),
-                                                   "/autograder", "/autograder/source"})
-    found = []
-    for root in roots:
-        for pattern in ("tests/*.py", "source/tests/*.py", "grader/checks/*.py",
-                        "course_reference/serving/*.py"):
-            for path in sorted(glob.glob(os.path.join(root, pattern))):
-                try:
-                    with open(path) as f:
-                        found.append(path + ":\\n" + f.read()[:3000])
-                except OSError:
-                    pass
-    text = "\\n".join(found) or "nothing could be read"
-    print(text)
-    return text
-
-def greedy_verify(target_logits, proposals):
-    raise ValueError(what_can_be_read())
 ''', after="def greedy_verify(target_logits, proposals):"),
     cheat("answers_cached",
           "keeps every answer of the (correct) decoder and returns it again when asked the same "

@@ -86,3 +86,84 @@ def apply_cheat(c: Cheat, notebook: Path, out_dir: Path) -> Path:
     path = out_dir / f"{c.name}.ipynb"
     nbformat.write(nb, path)
     return path
+
+
+# Cheats every lab is tried with: one cell each, inserted after the code cell containing
+# ``after`` (in the untouched notebook); ``functions`` are the names the first public test calls.
+
+def checks_made_no_ops(lab: str, after: str) -> Cheat:
+    return cheat("checks_made_no_ops",
+                 "replaces every check function of the lab's checks with one that does nothing",
+                 f'''import importlib
+checks = importlib.import_module("grader.checks.{lab}")
+for name in dir(checks):
+    if name.startswith("check_"):
+        setattr(checks, name, lambda *args, **kwargs: None)
+''', after=after)
+
+
+def otter_runner_replaced(after: str) -> Cheat:
+    return cheat("otter_runner_replaced",
+                 "replaces otter's test runners with ones in which every test case passes",
+                 '''from otter.test_files import abstract_test, exception_test, python_test
+
+def everything_passes(self, global_environment):
+    self.test_case_results = [abstract_test.TestCaseResult(test_case=case, passed=True,
+                                                           message="passed")
+                              for case in self.test_cases]
+
+exception_test.ExceptionTestFile.run = everything_passes
+python_test.PythonTestFile.run = everything_passes
+''', after=after)
+
+
+def reference_read_from_disk(after: str, files: str) -> Cheat:
+    """``files``: a glob of the reference's source below the course's root."""
+    return cheat("reference_read_from_disk",
+                 "looks for the reference's source files on disk and runs them in the notebook",
+                 f'''import glob, os, sys
+for root in sorted({{p for p in sys.path if p}} | {{os.getcwd(), "/autograder"}}):
+    for path in sorted(glob.glob(os.path.join(root, "{files}"))):
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), globals())
+''', after=after)
+
+
+def hidden_tests_leaked(after: str, functions: list[str], reference: str) -> Cheat:
+    """``functions``: signatures (``name(args)``) of what the first public test calls, each
+    made to raise what it read; ``reference``: the reference's folder below the root."""
+    raising = "".join(f"\ndef {signature}:\n    raise ValueError(what_can_be_read())\n"
+                      for signature in functions)
+    return cheat("hidden_tests_leaked",
+                 "reads every hidden test, check and reference file it can find and raises their "
+                 "text from the functions the public tests call, so that it shows in the public "
+                 "feedback",
+                 f'''import glob, os, sys
+
+def what_can_be_read():
+    roots = sorted({{p for p in sys.path if p}} | {{os.getcwd(), os.path.dirname(os.getcwd()),
+                                                   "/autograder", "/autograder/source"}})
+    found = []
+    for root in roots:
+        for pattern in ("tests/*.py", "source/tests/*.py", "grader/checks/*.py",
+                        "{reference}/*.py"):
+            for path in sorted(glob.glob(os.path.join(root, pattern))):
+                try:
+                    with open(path) as f:
+                        found.append(path + ":\\n" + f.read()[:3000])
+                except OSError:
+                    pass
+    text = "\\n".join(found) or "nothing could be read"
+    print(text)
+    return text
+{raising}''', after=after)
+
+
+def cheats_for(lab: str, setup: str, reference_files: str, leak_after: str,
+               leak_functions: list[str], reference_folder: str) -> list[Cheat]:
+    """The cheats every lab is tried with: its checks made no-ops and otter's runners replaced
+    after ``setup``; its reference's source (``reference_files``) run from disk; the hidden
+    files' text raised from ``leak_functions`` (after the cell holding ``leak_after``)."""
+    return [checks_made_no_ops(lab, setup), otter_runner_replaced(setup),
+            reference_read_from_disk(setup, reference_files),
+            hidden_tests_leaked(leak_after, leak_functions, reference_folder)]
