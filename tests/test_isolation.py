@@ -59,6 +59,30 @@ def test_an_array_arrives_as_a_fresh_plain_array():
     assert roundtrip(base) is not base
 
 
+def test_a_tensor_arrives_as_its_values_in_a_plain_tensor():
+    import torch
+
+    class Steering(torch.Tensor):
+        pass
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    leaf = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    for tensor in (base, base[:, ::2].t(), base.as_subclass(Steering), leaf * 2,
+                   torch.nn.Parameter(torch.ones(2)), torch.randn(5).bfloat16(),
+                   torch.tensor([True, False]), torch.zeros(0, 3), torch.tensor(7)):
+        got = roundtrip(tensor)
+        assert type(got) is torch.Tensor and not got.requires_grad and got.grad_fn is None
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape
+        assert torch.equal(got, tensor.detach().as_subclass(torch.Tensor))
+    assert roundtrip(base).data_ptr() != base.data_ptr()
+    data, buffers = wire.encode(base, _no_references)
+    with pytest.raises(wire.WireError):
+        wire.decode(data, [buffers[0][:-4]], lambda ref: None)  # bytes short of the shape
+    data["dtype"] = "qint8"
+    with pytest.raises(wire.WireError):
+        wire.decode(data, buffers, lambda ref: None)
+
+
 def test_what_is_not_plain_data_needs_a_reference():
     for value in (object(), np.array([object()]), {1, 2}, lambda: 0):
         with pytest.raises(wire.Unsendable):
