@@ -278,6 +278,50 @@ class _Callback:
         return f"<a function of the grader's #{self._number}>"
 
 
+class _Exposed:
+    """An object of the grader's (a model, a KV cache, an allocator) handed to a submission's
+    code: the members the grader lists, each read or call a request to the grader; nothing
+    else of it is here. Handed back to the grader, it arrives there as the object itself."""
+
+    __slots__ = ("_server", "_number", "_type", "_methods", "_attributes")
+
+    def __init__(self, server: Server, number: int, type_name: str, methods: dict[str, int],
+                 attributes: dict[str, int]):
+        for name, value in (("_server", server), ("_number", number), ("_type", type_name),
+                            ("_methods", methods), ("_attributes", attributes)):
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._methods:
+            return _Callback(self._server, self._methods[name])
+        if name in self._attributes:
+            return self._server.call_back(self._attributes[name], (), {})
+        offered = ", ".join(sorted({*self._methods, *self._attributes} - {"__call__"}))
+        raise AttributeError(f"the grader's {self._type} has no {name!r} for your code to use "
+                             f"(it offers {offered})")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the grader's {self._type} is read-only: {name!r} cannot be set")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "__call__" not in self._methods:
+            raise TypeError(f"the grader's {self._type} cannot be called")
+        return self._server.call_back(self._methods["__call__"], args, kwargs)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*self._methods, *self._attributes})
+
+    def __repr__(self) -> str:
+        return f"<the grader's {self._type}>"
+
+
+def _numbers(value: Any) -> dict[str, int]:
+    if type(value) is not dict or not all(type(k) is str and type(v) is int
+                                          for k, v in value.items()):
+        raise wire.WireError("an exposed object whose members are not numbered")
+    return value
+
+
 class OtterStandIn:
     """Stands in for ``otter.Notebook`` in the notebook: the grader checks questions itself."""
 
@@ -301,6 +345,7 @@ class Server:
         self.handles: dict[int, Any] = {}
         self.numbers: dict[int, int] = {}  # id(object) -> handle
         self.next_handle = 1
+        self.exposed: dict[int, _Exposed] = {}
         self.current = 0  # the request being served, for interrupts
         self.shell = self._shell()
         self.blocks = Blocks(self.shell.user_ns)
@@ -325,6 +370,8 @@ class Server:
     # handles ---------------------------------------------------------------------------------
 
     def reference(self, obj: Any) -> dict[str, Any]:
+        if type(obj) is _Exposed:
+            return {"$x": obj._number}
         number = self.numbers.get(id(obj))
         if number is None or self.handles.get(number) is not obj:
             number = self.next_handle
@@ -341,6 +388,13 @@ class Server:
                 raise wire.WireError("a handle that was released") from None
         if "$c" in ref:
             return _Callback(self, int(ref["$c"]))
+        if "$x" in ref and type(ref["$x"]) is int:
+            number = ref["$x"]
+            if number not in self.exposed:
+                self.exposed[number] = _Exposed(self, number, str(ref.get("type", "object"))[:60],
+                                                _numbers(ref.get("m", {})),
+                                                _numbers(ref.get("a", {})))
+            return self.exposed[number]
         raise wire.WireError(f"an unknown reference {sorted(ref)}")
 
     def release(self, numbers: list[int]) -> None:
@@ -362,9 +416,11 @@ class Server:
         except Exception:  # noqa: BLE001 - a submission's exception may fail to print itself
             message = "(the exception could not be shown)"
         mro = [c.__name__ for c in type(error).__mro__]
+        public = wire.exception_fields(error)
+        extra = {"public": public[0], "fields": public[1]} if public else {}
         try:
             self.send("error", seq=seq, type=kind, mro=mro, message=message[:4000],
-                      value=self.reference(error))
+                      value=self.reference(error), **extra)
         except Exception:  # noqa: BLE001
             wire.send(self.replies, {"kind": "error", "seq": seq, "type": kind, "mro": mro,
                                      "message": message[:4000], "value": None}, [])
@@ -377,6 +433,8 @@ class Server:
             if message.get("kind") == "return":
                 return wire.decode(message["value"], buffers, self.resolve)
             if message.get("kind") == "raise":
+                if "public" in message:  # an OutOfBlocks of the grader's allocator, as itself
+                    raise wire.public_exception(message["public"], message.get("fields"))
                 raise CallbackError(message.get("message", "the grader's function failed"))
             self.serve_one(message, buffers)
 

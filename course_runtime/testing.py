@@ -131,3 +131,39 @@ def views_of(unflatten: Callable[..., Any], flat: Any, shapes: Any) -> tuple[lis
     base = flat.untyped_storage().data_ptr()
     return views, [isinstance(v, torch.Tensor) and (
         not v.numel() or v.untyped_storage().data_ptr() == base) for v in views]
+
+
+def same_attribute(a: Any, b: Any, name: str) -> bool:
+    """Whether ``a`` and ``b`` hold one and the same object as ``name`` (two block tables
+    sharing one list of blocks), asked where they live."""
+    return getattr(a, name) is getattr(b, name)
+
+
+def largest_new_tensor(fn: Callable[..., Any], *args: Any) -> tuple[Any, int, str]:
+    """``fn(*args)``, with the number of elements of the largest tensor any torch operation
+    in it produced with memory of its own, and that operation: a view of an input (``select``,
+    ``transpose``, indexing by a number) copies nothing and is not counted. A structural check
+    that some data was never gathered into one dense tensor."""
+    import torch
+    from torch.utils import _pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest, op = 0, ""
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr()
+                      for t in _pytree.tree_leaves((args, kwargs or {}))
+                      if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()}
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if (isinstance(t, torch.Tensor) and t.numel() > self.largest
+                        and t.untyped_storage().data_ptr() not in inputs):
+                    self.largest, self.op = t.numel(), str(func)
+            return out
+
+    recorder = Largest()
+    with recorder:
+        result = fn(*args)
+    return result, recorder.largest, recorder.op

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 
 def measure_interleaved(timers: Mapping[str, Callable[[], float]], rounds: int, warmup: int = 3
@@ -47,3 +49,11 @@ def pinned_threads(threads: int = 1) -> Iterator[int]:
             yield threads
     finally:
         torch.set_num_threads(previous)
+
+
+def call_seconds(fn: Callable[..., Any], args: Sequence[Any]) -> float:
+    """Wall time of one call ``fn(*args)`` (timed where ``fn`` lives: a submission's function in
+    its own process, so that the channel to it is not part of the time)."""
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start

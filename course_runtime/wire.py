@@ -1,10 +1,12 @@
 """The channel between the grader and the process that runs a student's notebook.
 
 Messages carry plain data only, never pickles: ``None``, booleans, numbers, strings, bytes,
-tuples, lists, dicts, slices, NumPy arrays and scalars of numeric dtypes, and torch tensors
+tuples, lists, dicts, slices, NumPy arrays and scalars of numeric dtypes, torch tensors
 (their values: a tensor arrives as a plain CPU ``torch.Tensor``, without its graph or
-``requires_grad``). Anything else stays in
-the process that owns it and crosses as a numbered reference (a *handle*, for an object of the
+``requires_grad``), and the named tuples and frozen dataclasses of the course's public code in
+``NAMED_TUPLES`` and ``DATACLASSES`` (a pipeline's ``Action``, a serving ``Request``, a model's
+``GPTConfig``: the receiver builds its own from the values). Anything else stays in the process that
+owns it and crosses as a numbered reference (a *handle*, for an object of the
 student's; a *callback*, for a function of the grader's). A value received is a fresh copy: an
 array that arrives is a plain ``numpy.ndarray`` built from bytes, whatever class it had on the
 other side, so a comparison made with it cannot be steered by the sender.
@@ -34,6 +36,16 @@ TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "
                 "uint8", "bool", "complex64", "complex128")
 
 
+# Named tuples of the course's public code that cross as values: the class is named, and the
+# receiver builds its own instance of it from the values (a pipeline schedule's actions).
+NAMED_TUPLES = ("course_runtime.pipeline:Action",)
+DATACLASSES = ("course_runtime.serving.workload:Request", "course_runtime.models.gpt:GPTConfig")
+# Exceptions of the course's public code that keep their class and fields across the channel
+# (a check catches an ``OutOfBlocks`` of the submission's and reads how many blocks it needed;
+# a submission's code catches one raised by the grader's allocator it was handed).
+PUBLIC_EXCEPTIONS = {"course_runtime.serving.blocks:OutOfBlocks": ("needed", "free", "total")}
+
+
 class WireError(Exception):
     """A message that is not in the channel's format."""
 
@@ -56,6 +68,9 @@ def encode(obj: Any, reference: Callable[[Any], dict[str, Any]]) -> tuple[Any, l
             return x
         if kind is tuple:
             return {"$t": [walk(v, depth + 1) for v in x]}
+        if issubclass(kind, tuple) and f"{kind.__module__}:{kind.__qualname__}" in NAMED_TUPLES:
+            return {"$nt": f"{kind.__module__}:{kind.__qualname__}",
+                    "v": [walk(v, depth + 1) for v in tuple.__iter__(x)]}
         if kind is list:
             return [walk(v, depth + 1) for v in x]
         if kind is dict:
@@ -78,6 +93,11 @@ def encode(obj: Any, reference: Callable[[Any], dict[str, Any]]) -> tuple[Any, l
         torch = sys.modules.get("torch")  # never imported here: a tensor means it is loaded
         if torch is not None and isinstance(x, torch.Tensor):
             return tensor(x)
+        if f"{kind.__module__}:{kind.__qualname__}" in DATACLASSES:
+            import dataclasses
+            return {"$dc": f"{kind.__module__}:{kind.__qualname__}",
+                    "v": [[f.name, walk(getattr(x, f.name), depth + 1)]
+                          for f in dataclasses.fields(x) if f.init]}
         return reference(x)
 
     def tensor(x: Any) -> Any:
@@ -108,6 +128,73 @@ def _tensor(data: bytes, dtype_name: str, shape: tuple[int, ...]) -> Any:
     return flat.view(dtype).reshape(shape)
 
 
+def _named_tuple(name: Any, values: list[Any]) -> tuple[Any, ...]:
+    if name not in NAMED_TUPLES:
+        raise WireError(f"a named tuple of a class that does not cross: {name!r}")
+    import importlib
+
+    module, _, qualname = str(name).partition(":")
+    kind = getattr(importlib.import_module(module), qualname)
+    try:
+        return kind(*values)
+    except TypeError as error:
+        raise WireError(f"a {qualname} that cannot be built from {values!r}: {error}") from None
+
+
+def _public_class(name: Any, allowed: Any) -> type:
+    import importlib
+
+    if name not in allowed:
+        raise WireError(f"a value of a class that does not cross: {name!r}")
+    module, _, qualname = str(name).partition(":")
+    return getattr(importlib.import_module(module), qualname)
+
+
+def _dataclass(name: Any, fields: Any) -> Any:
+    import dataclasses
+
+    kind = _public_class(name, DATACLASSES)
+    names = {f.name for f in dataclasses.fields(kind) if f.init}
+    if type(fields) is not list or not all(type(f) is list and len(f) == 2 and f[0] in names
+                                           for f in fields):
+        raise WireError(f"a {kind.__qualname__} with fields it does not have")
+    try:
+        return kind(**dict(fields))
+    except (TypeError, ValueError) as error:
+        raise WireError(f"a {kind.__qualname__} that cannot be built: {error}") from None
+
+
+def exception_fields(error: BaseException) -> tuple[str, list[Any]] | None:
+    """``(name, values)`` for an exception of ``PUBLIC_EXCEPTIONS`` whose fields are plain
+    scalars; ``None`` for any other."""
+    for name, fields in PUBLIC_EXCEPTIONS.items():
+        module, _, qualname = name.partition(":")
+        public = sys.modules.get(module)
+        if public is not None and isinstance(error, getattr(public, qualname, ())):
+            values = [getattr(error, f, None) for f in fields]
+            if all(type(v) in SCALARS for v in values):
+                return name, values
+    return None
+
+
+def public_exception(name: Any, values: Any, mixin: type | None = None) -> BaseException:
+    """The exception ``exception_fields`` described, built here from its values (an instance
+    of a subclass that also derives from ``mixin``, when one is given)."""
+    kind = _public_class(name, PUBLIC_EXCEPTIONS)
+    if type(values) is not list or not all(type(v) in SCALARS for v in values):
+        raise WireError(f"a {kind.__qualname__} with fields that are not plain values")
+    if mixin is not None:
+        kind = _MIXED.setdefault((kind, mixin), type(kind.__name__, (kind, mixin),
+                                                    {"__module__": kind.__module__}))
+    try:
+        return kind(*values)
+    except (TypeError, ValueError) as error:
+        raise WireError(f"a {kind.__qualname__} that cannot be built: {error}") from None
+
+
+_MIXED: dict[tuple[type, type], type] = {}
+
+
 def decode(data: Any, buffers: list[bytes], resolve: Callable[[dict[str, Any]], Any]) -> Any:
     """The inverse of :func:`encode`; ``resolve`` turns a reference back into an object."""
 
@@ -127,6 +214,11 @@ def decode(data: Any, buffers: list[bytes], resolve: Callable[[dict[str, Any]], 
             raise WireError(f"unexpected {type(x).__name__}")
         if "$t" in x:
             return tuple(walk(v, depth + 1) for v in x["$t"])
+        if "$nt" in x:
+            return _named_tuple(x["$nt"], [walk(v, depth + 1) for v in x.get("v", ())])
+        if "$dc" in x:
+            return _dataclass(x["$dc"], [[f[0], walk(f[1], depth + 1)] if type(f) is list
+                                         and len(f) == 2 else f for f in x.get("v", ())])
         if "$d" in x:
             return {walk(k, depth + 1): walk(v, depth + 1) for k, v in x["$d"]}
         if "$f" in x:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import fcntl
 import importlib.util
 import inspect
 import os
@@ -44,6 +45,48 @@ from course_runtime.testing import GradingTimeout
 REQUEST_LIMIT = float(os.environ.get("COURSE_CELL_TIMEOUT", "300"))  # seconds, any one request
 GRACE = 10.0  # seconds an interrupted request gets to stop before its process is killed
 UNPRIVILEGED = "nobody"
+
+
+
+def _current_cpu() -> int:
+    """The CPU the calling thread runs on now (field 39 of its ``stat``), one it may run on if
+    that cannot be read."""
+    allowed = sorted(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        stat = Path("/proc/thread-self/stat").read_text()
+        cpu = int(stat[stat.rindex(")") + 2:].split()[36])
+        if cpu in allowed:
+            return cpu
+    return allowed[0]
+
+
+@contextlib.contextmanager
+def _timing_cpu() -> Iterator[int]:
+    """A CPU for one timed block, leased so that two gradings on the machine (a batch's
+    workers, a test suite's) do not time on the same one while another sits idle: the first
+    CPU, from the one this thread runs on, whose lock file no other timed block holds; the
+    current one when every CPU is taken. Load from anything else falls on both contenders of
+    the block alike, as they share the CPU and take turns."""
+    allowed = sorted(os.sched_getaffinity(0))
+    here = _current_cpu()
+    order = allowed[allowed.index(here):] + allowed[:allowed.index(here)]
+    for cpu in order:
+        try:
+            handle = open(Path(tempfile.gettempdir()) / f"course-timing-cpu-{cpu}.lock", "a")  # noqa: SIM115
+        except OSError:
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        try:
+            yield cpu
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        return
+    yield here
 
 
 class StudentProcessGone(Exception):
@@ -199,6 +242,27 @@ class RemoteNamespace:
         return bool(self.student.request("global", name)["found"])
 
 
+class Exposed:
+    """An object of the grader's that a submission's code is handed (the reference's KV cache,
+    its allocator, the model): in the submission's process it is a stand-in offering the listed
+    ``methods`` (each call runs here, as a callback) and ``attributes`` (each read here, when it
+    is read there); nothing else of the object is reachable from there. Given back to the
+    grader (the cache passed to the model), it arrives as the object itself.
+
+    ``methods`` and ``attributes`` map a member's name to what serves it: a method's function
+    (``None``: the object's own method) and an attribute's getter (``None``: read the object's
+    attribute; its value must be data that crosses, or another ``Exposed``)."""
+
+    def __init__(self, obj: Any, *, methods: Any = (), attributes: Any = (),
+                 name: str | None = None):
+        self.obj, self.name = obj, name or type(obj).__name__
+        methods = methods if isinstance(methods, dict) else dict.fromkeys(methods)
+        attributes = attributes if isinstance(attributes, dict) else dict.fromkeys(attributes)
+        self.methods = {m: f if f is not None else getattr(obj, m) for m, f in methods.items()}
+        self.attributes = {a: g if g is not None else (lambda a=a: getattr(obj, a))
+                           for a, g in attributes.items()}
+
+
 def is_remote(*objects: Any) -> bool:
     return any(isinstance(o, (Proxy, RemoteNamespace)) for o in objects)
 
@@ -251,6 +315,8 @@ class StudentProcess:
         self.pending_release: set[int] = set()
         self.callbacks: dict[int, Callable[..., Any]] = {}
         self.kept: dict[str, Any] = {}  # what the checks built here to reuse (a model), by name
+        self.exposed: dict[int, tuple[Exposed, dict[str, Any]]] = {}  # by id, kept alive
+        self.exposed_numbers: dict[int, Exposed] = {}
         self.gone: str | None = None
 
     # references ------------------------------------------------------------------------------
@@ -260,6 +326,15 @@ class StudentProcess:
             if x._student is not self:
                 raise wire.Unsendable("an object of another submission's process")
             return {"$h": x._handle}
+        if isinstance(x, Exposed):  # described once; its members become callbacks
+            if id(x) not in self.exposed:
+                number = len(self.exposed) + 1
+                spec = {"$x": number, "type": x.name,
+                        "m": {m: self._reference(f)["$c"] for m, f in x.methods.items()},
+                        "a": {a: self._reference(g)["$c"] for a, g in x.attributes.items()}}
+                self.exposed[id(x)] = (x, spec)
+                self.exposed_numbers[number] = x
+            return self.exposed[id(x)][1]
         if callable(x):  # kept for the life of the process: the student's code may keep it
             number = len(self.callbacks) + 1
             self.callbacks[number] = x
@@ -279,6 +354,8 @@ class StudentProcess:
             return proxy
         if "$c" in ref and ref["$c"] in self.callbacks:
             return self.callbacks[ref["$c"]]
+        if "$x" in ref and ref["$x"] in self.exposed_numbers:
+            return self.exposed_numbers[ref["$x"]].obj
         raise wire.WireError("an unknown reference")
 
     def _release(self, handle: int) -> None:
@@ -389,8 +466,9 @@ class StudentProcess:
             self._send({"kind": "raise", "message": "interrupted by the grader"}, [])
             return error
         except Exception as error:  # noqa: BLE001 - reported to the student's code as raised
-            self._send({"kind": "raise", "message": f"{type(error).__name__}: {error}"[:2000]},
-                       [])
+            public = wire.exception_fields(error)
+            self._send({"kind": "raise", "message": f"{type(error).__name__}: {error}"[:2000],
+                        **({"public": public[0], "fields": public[1]} if public else {})}, [])
             return None
         try:
             data, out = wire.encode(result, self._reference)
@@ -409,6 +487,12 @@ class StudentProcess:
             error: BaseException = ForbiddenCall(text)
         elif kind == "CallbackError":
             error = CallbackError(text)
+        elif "public" in message:  # an OutOfBlocks of the submission's: its class and fields
+            try:
+                error = wire.public_exception(message["public"], message.get("fields"),
+                                              StudentException)
+            except wire.WireError as problem:
+                error = _exception_class(kind, ["Exception"])(f"{text} ({problem})")
         else:
             mro = [str(m) for m in message.get("mro", []) if isinstance(m, str)]
             error = _exception_class(kind, mro)(text)
@@ -456,7 +540,11 @@ class StudentProcess:
     @contextlib.contextmanager
     def on_one_cpu(self) -> Iterator[None]:
         """One BLAS/OpenMP and torch thread in the student's process, and every thread of it on
-        one CPU (however many it starts)."""
+        one CPU (however many it starts), the very CPU the calling thread here is held to for the
+        block (``_timing_cpu``): what is timed against the student's code here then shares that
+        CPU and its load.
+        Held apart, a loaded CPU under the student's code and a free one under the reference's
+        made a curated bug lose a speed question on a busy machine."""
         self.request("threads", {"count": 1})
         try:
             with self._affinity():
@@ -468,13 +556,18 @@ class StudentProcess:
 
     @contextlib.contextmanager
     def _affinity(self) -> Iterator[None]:
-        cpus = sorted(os.sched_getaffinity(0))
+        with _timing_cpu() as cpu:
+            yield from self._held_to(cpu)
+
+    def _held_to(self, cpu: int) -> Iterator[None]:
         tasks = Path(f"/proc/{self.process.pid}/task")
-        saved = {}
+        saved = {0: os.sched_getaffinity(0)}  # 0: the calling thread here
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {cpu})
         for task in tasks.iterdir():
             with contextlib.suppress(OSError):
                 saved[int(task.name)] = os.sched_getaffinity(int(task.name))
-                os.sched_setaffinity(int(task.name), {cpus[0]})
+                os.sched_setaffinity(int(task.name), {cpu})
         try:
             yield
         finally:

@@ -83,6 +83,53 @@ def test_a_tensor_arrives_as_its_values_in_a_plain_tensor():
         wire.decode(data, buffers, lambda ref: None)
 
 
+def test_a_schedule_action_arrives_as_an_action_of_the_receiver():
+    from typing import NamedTuple
+
+    from course_runtime.pipeline import Action
+
+    class Lookalike(NamedTuple):  # the same fields, another class: not a value
+        op: str
+        microbatch: int
+
+    plan = [[Action("F", 0), Action("send_fwd", 0, 1)], [("F", 0)]]
+    got = roundtrip(plan)
+    assert got == plan and type(got[0][0]) is Action and got[0][1].chunk == 1
+    assert type(got[1][0]) is tuple
+    with pytest.raises(wire.Unsendable):
+        wire.encode(Lookalike("F", 0), _no_references)
+    data, buffers = wire.encode(Action("F", 0), _no_references)
+    for name, values in (("os:system", ["true"]), (data["$nt"], ["F", 0, 0, 0])):
+        with pytest.raises(wire.WireError):
+            wire.decode({"$nt": name, "v": values}, buffers, lambda ref: None)
+
+
+def test_public_dataclasses_and_exceptions_keep_their_class():
+    from dataclasses import dataclass
+
+    from course_runtime.serving import OutOfBlocks, Request
+
+    @dataclass(frozen=True)
+    class Lookalike:  # the same fields, another class: not a value
+        id: int
+
+    got = roundtrip([Request(3, (1, 2), 4)])
+    assert got == [Request(3, (1, 2), 4)] and type(got[0]) is Request
+    with pytest.raises(wire.Unsendable):
+        wire.encode(Lookalike(1), _no_references)
+    for fields in ([["id", 1], ["no_such_field", 2]], [["id", 1]]):  # unknown; one missing
+        with pytest.raises(wire.WireError):
+            wire.decode({"$dc": "course_runtime.serving.workload:Request", "v": fields}, [],
+                        lambda ref: None)
+    name, values = wire.exception_fields(OutOfBlocks(2, 1, 8))
+    rebuilt = wire.public_exception(name, values, isolated.StudentException)
+    assert isinstance(rebuilt, OutOfBlocks) and isinstance(rebuilt, isolated.StudentException)
+    assert (rebuilt.needed, rebuilt.free, rebuilt.total) == (2, 1, 8)
+    assert wire.exception_fields(ValueError("x")) is None
+    with pytest.raises(wire.WireError):
+        wire.public_exception("builtins:SystemExit", [0])
+
+
 def test_what_is_not_plain_data_needs_a_reference():
     for value in (object(), np.array([object()]), {1, 2}, lambda: 0):
         with pytest.raises(wire.Unsendable):
@@ -176,6 +223,45 @@ def test_a_forbidden_library_is_blocked_wherever_it_is_kept(student):
     np.testing.assert_allclose(env["through_torch"](np.array([3.0])), [6.0])
 
 
+def test_an_exposed_object_offers_its_listed_members_alone(student):
+    from course_runtime.serving import OutOfBlocks
+
+    class Counter:
+        def __init__(self):
+            self.count, self.secret = 0, "the grader's"
+
+        def add(self, n):
+            if n > 5:
+                raise OutOfBlocks(n, 5, 5)
+            self.count += n
+            return self.count
+
+    counter = Counter()
+    exposed = isolated.Exposed(counter, methods=("add",), attributes=("count",))
+    env = run(student, "from course_runtime.serving import OutOfBlocks\n"
+                       "def use(c):\n    c.add(2)\n    return c.add(3), c.count\n"
+                       "def reach(c, name):\n"
+                       "    try:\n        getattr(c, name)\n    except AttributeError as e:\n"
+                       "        return str(e)\n"
+                       "def set_it(c):\n"
+                       "    try:\n        c.count = 99\n    except AttributeError:\n"
+                       "        return 'read-only'\n"
+                       "def too_many(c):\n"
+                       "    try:\n        c.add(7)\n    except OutOfBlocks as e:\n"
+                       "        return e.needed, e.free\n"
+                       "def back(c):\n    return c\n"
+                       "def raise_one():\n    raise OutOfBlocks(3, 1, 4)\n")
+    assert env["use"](exposed) == (5, 5) and counter.count == 5  # called here, on the object
+    for name in ("secret", "__dict__", "obj"):
+        assert "offers add, count" in env["reach"](exposed, name)
+    assert env["set_it"](exposed) == "read-only" and counter.count == 5
+    assert env["too_many"](exposed) == (7, 5)  # the grader's OutOfBlocks, as itself
+    assert env["back"](exposed) is counter  # handed back, it is the object itself
+    with pytest.raises(OutOfBlocks) as raised:  # the student's, with its class and fields
+        env["raise_one"]()
+    assert (raised.value.needed, raised.value.free, raised.value.total) == (3, 1, 4)
+
+
 def test_a_loop_is_interrupted_and_the_process_goes_on(student):
     outcome = student.run_cell("while True:\n    pass\n", 1.0)
     assert not outcome["ok"] and outcome["interrupted"]
@@ -246,9 +332,29 @@ def test_a_cheat_earns_nothing(assigned, lab, cheat, tmp_path):
     earned = {q: s for q, s in scores.items() if q in targets and s[0] > 0}
     assert not earned, f"{cheat.name} ({cheat.why}) earns {earned}"
     if cheat.base == "solution":
-        lost = {q: s for q, s in scores.items() if q not in targets and s[0] < s[1]}
+        lost = {q: s for q, s in scores.items()
+                if q not in targets | cheat.partly and s[0] < s[1]}
         assert not lost, f"{cheat.name}: the honest rest of the solution loses {lost}"
     feedback = gradescope_results(results)
     visible = "\n".join(t["output"] for t in feedback["tests"] if t["visibility"] == "visible")
     leaked = [line for line in hidden_text(lab, autograder) if line in visible]
     assert not leaked, f"{cheat.name}: the public feedback quotes hidden code: {leaked[:3]}"
+
+
+def test_timed_blocks_lease_different_cpus():
+    """Two gradings timing at once are held to two CPUs, not both to the one they ran on; when
+    every CPU is leased, a third times where it runs."""
+    import os
+
+    from grader.isolated import _current_cpu, _timing_cpu
+
+    cpus = sorted(os.sched_getaffinity(0))
+    with _timing_cpu() as first:
+        with _timing_cpu() as second:
+            if len(cpus) == 1:
+                assert first == second == cpus[0]
+            else:
+                assert first != second and {first, second} <= set(cpus)
+                if len(cpus) == 2:
+                    with _timing_cpu() as third:
+                        assert third == _current_cpu()

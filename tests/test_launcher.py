@@ -22,6 +22,24 @@ def test_results_come_back_in_rank_order(world_size):
     assert launch(_sum_of_ranks, world_size, 2.0, timeout=60) == [expected] * world_size
 
 
+def test_a_port_taken_before_rank_0_binds_it_is_tried_again(monkeypatch):
+    import socket
+
+    from course_runtime.distributed import launcher
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = [taken.getsockname()[1]]
+    real = launcher.free_port
+    monkeypatch.setattr(launcher, "free_port", lambda: ports.pop() if ports else real())
+    try:
+        assert launch(_sum_of_ranks, 2, 1.0, timeout=60) == [1.0, 1.0]
+    finally:
+        taken.close()
+    assert not ports  # the taken port was tried first
+
+
 def test_functions_defined_inline_work():
     def local(rank, world_size):
         return rank * 10

@@ -70,6 +70,22 @@ def test_ulysses_matches_dense_attention(causal):
         assert calls == 4                  # q, k, v in; the output back
 
 
+def _ulysses_on_views(rank, world_size, q, k, v):
+    """Each rank's heads-first views of [tokens, heads, dim] tensors, as a transformer's head
+    split gives them (not contiguous)."""
+    chunk = q.shape[0] // world_size
+    mine = slice(rank * chunk, (rank + 1) * chunk)
+    return ulysses_attention(*(t[mine].transpose(0, 1) for t in (q, k, v)))
+
+
+def test_ulysses_takes_views_as_their_values():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(3, 10, 4, 8, dtype=torch.float64).unbind(0)  # [tokens, heads, dim]
+    dense = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)))
+    for rank, out in enumerate(launch(_ulysses_on_views, 2, q, k, v, timeout=60)):
+        torch.testing.assert_close(out, dense[:, rank * 5:(rank + 1) * 5])
+
+
 def test_merge_of_two_key_blocks_is_attention_over_both():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 5, 6, 4, dtype=torch.float64).unbind(0)

@@ -108,9 +108,11 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"the world size {n}, got {tuple(q.shape)}")
 
     def seq_to_heads(x: torch.Tensor) -> torch.Tensor:
-        # send head group j to rank j; receive every rank's tokens for our head group
+        # send head group j to rank j; receive every rank's tokens for our head group (a view's
+        # strides would be kept by empty_like, and the received bytes read through them)
+        x = x.contiguous()
         received = torch.empty_like(x)
-        comm.all_to_all(received, x.contiguous())   # dim 0 = head groups, in rank order
+        comm.all_to_all(received, x)   # dim 0 = head groups, in rank order
         groups = received.reshape(n, heads // n, *x.shape[1:])    # (source rank, H/N, T/N, d)
         return groups.transpose(0, 1).reshape(heads // n, n * x.shape[1], x.shape[2])
 

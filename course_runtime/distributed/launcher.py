@@ -133,6 +133,31 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | N
                            "module and use start_method='spawn'")
     group_timeout = group_timeout or min(timeout, 60.0)
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    once = (fn, world_size, args, kwargs, backend, timeout, group_timeout, start_method, threads)
+    for _ in range(PORT_ATTEMPTS - 1):
+        try:
+            return _launch_once(*once)
+        except WorkerError as error:
+            if not _port_taken(error):
+                raise
+    return _launch_once(*once)
+
+
+# The port the ranks meet at is chosen free, then bound by rank 0 a moment later: another
+# process (a parallel launch) can take it in between. Rank 0 then fails before any rank has
+# run ``fn``, and the launch is tried again on another port.
+PORT_ATTEMPTS = 3
+
+
+def _port_taken(error: WorkerError) -> bool:
+    text = error.remote_traceback
+    return ("init_process_group" in text
+            and ("EADDRINUSE" in text or "address already in use" in text.lower()))
+
+
+def _launch_once(fn: Callable[..., Any], world_size: int, args: tuple, kwargs: dict,
+                 backend: str, timeout: float, group_timeout: float, start_method: str,
+                 threads: int) -> list[Any]:
     context = mp.get_context(start_method)
     shared = context.Array(ctypes.c_char, SLOT_BYTES * world_size, lock=False)
     results = context.Queue()

@@ -19,15 +19,20 @@ from course_runtime.sandbox import ForbiddenCall as ForbiddenCall  # one class o
 
 
 def check_ratio(yours: list[float], peer: list[float], *, what: str, peer_name: str,
-                bound: float, unit: str = "step", advice: str = "") -> float:
+                bound: float, unit: str = "step", advice: str = "",
+                fastest: bool = False) -> float:
     """Grade speed as a ratio: the median of ``yours`` over the median of ``peer`` (seconds,
-    measured interleaved in one process). Prints both times; fails above ``bound``."""
-    ratio = float(np.median(yours) / np.median(peer))
-    print(f"{what}: yours {np.median(yours) * 1e3:.2f} ms, {peer_name} "
-          f"{np.median(peer) * 1e3:.2f} ms, ratio {ratio:.2f}")
+    measured interleaved in one process), or with ``fastest`` the fastest of each (for calls of
+    a few milliseconds, which one preemption on a loaded machine doubles). Prints both times;
+    fails above ``bound``."""
+    pick, how = (min, "fastest") if fastest else (np.median, "median")
+    ours_s, peer_s = float(pick(yours)), float(pick(peer))
+    ratio = ours_s / peer_s
+    print(f"{what}: yours {ours_s * 1e3:.2f} ms, {peer_name} {peer_s * 1e3:.2f} ms, "
+          f"ratio {ratio:.2f}")
     if ratio > bound:
         raise AssertionError(
-            f"your {what} takes {ratio:.2f}x the time of {peer_name} (median of {len(yours)} "
+            f"your {what} takes {ratio:.2f}x the time of {peer_name} ({how} of {len(yours)} "
             f"interleaved {unit}s; the bound is {bound:g}x)" + (f": {advice}" if advice else ""))
     return ratio
 
@@ -70,11 +75,11 @@ def make_there(namespace: Any, function: Callable[..., Any], *args: Any, **kwarg
     """``function(*args, **kwargs)`` (a function of ``course_runtime``) called where the
     submission's code runs: in its process when ``namespace`` is one (the result stays there,
     a proxy here), here otherwise. For what the submission's code is handed (a model, a cache)."""
-    from grader.isolated import RemoteNamespace
+    from grader.isolated import is_remote, student_of
 
-    if isinstance(namespace, RemoteNamespace):
+    if is_remote(namespace):
         path = f"{function.__module__}:{function.__qualname__}"
-        return namespace.student.public(path, *args, **kwargs)
+        return student_of(namespace).public(path, *args, **kwargs)
     return function(*args, **kwargs)
 
 
@@ -108,15 +113,15 @@ def forbid(paths: list[str], reason: str,
     process (``grader.isolated``), the functions are blocked there, where its code runs, with
     torch's autograd engine itself, so that a reference to it kept anywhere is blocked too.
     """
-    from grader.isolated import RemoteNamespace
+    from grader.isolated import is_remote, student_of
 
-    if isinstance(namespace, RemoteNamespace):
+    if is_remote(namespace):
         # The reference and the grader cannot be imported there at all: nothing to block.
         there = [path for path in paths if not path.startswith(("course_reference.", "grader."))]
         if not there:
             yield
             return
-        with namespace.student.blocked(there, reason):
+        with student_of(namespace).blocked(there, reason):
             yield
         return
     blocks = Blocks({} if namespace is None else namespace, strict=True, engine=False)

@@ -6,7 +6,9 @@ microbatches), and their bubble (the simulated bubble equals (p - 1) / (m + p - 
 schedule that stalls is caught). The executor is run on real processes with the *reference*
 schedules, so that a wrong schedule (q1, q2) does not cost points on the executor (q5), and its
 gradients are compared with the unsplit model's in one process (the runtime's harness,
-``course_runtime.pipeline``, which the public tests use too).
+``course_runtime.pipeline``, which the public tests use too). With the submission in a process
+of its own (``grader.isolated``), the harness forks the ranks there and their gradients come
+back as values, compared here; schedules cross as lists of ``Action``s.
 
 The public tests compare with ``public_expectations()``: what the reference computes for their
 cases, shipped with the lab as data. The hidden tests rerun those cases (``*_fixed_hidden``), so
@@ -25,7 +27,10 @@ from course_reference.parallel.pipeline import executor, order, schedules, simul
 from course_runtime import pipeline as runtime
 from course_runtime.pipeline import COMPUTE, Action, compare_with_torch, lab_batch, measured_bubble
 from course_runtime.testing import assert_close, require, time_limit
-from grader.checks import check_ratio, forbid
+from grader.checks import check_ratio, forbid, run_there
+from grader.isolated import is_remote
+
+ISOLATED = True  # graded with the submission in a process of its own (grader.isolated)
 
 
 def _paths(function: Any) -> list[str]:
@@ -55,6 +60,14 @@ SPEED_SIZE = (2, 4)  # (ranks, microbatches) timed against Schedule1F1B
 
 def guard(namespace: dict[str, Any] | None = None) -> Any:
     return forbid(FORBIDDEN, REASON, namespace)
+
+
+def _guarded(pipeline_worker: Any, namespace: dict[str, Any] | None) -> dict[str, Any]:
+    """How the runtime's harness is to guard each call into the worker on its ranks: here, by
+    ``guard``; where the submission runs in a process of its own there is nothing to block, as
+    everything Lab 3 forbids is the reference, which cannot be imported there at all."""
+    assert all(path.startswith("course_reference.") for path in FORBIDDEN)
+    return {} if is_remote(pipeline_worker) else {"guard": lambda: guard(namespace)}
 
 
 def random_sizes(seed: int, cases: int, max_stages: int = 8, max_microbatches: int = 20
@@ -119,6 +132,18 @@ def _swap(schedule: list[list[Action]], stage: int, index: int) -> list[list[Act
     return plan
 
 
+PHASES = ("recv_fwd", "F", "send_fwd", "recv_bwd", "B", "send_bwd")
+
+
+def batched_communication(plan: Sequence[Sequence[Action]]) -> list[list[Action]]:
+    """Every stage's actions grouped by phase (all its receives of activations, then all its
+    forwards, then all its sends, ...), microbatches in order within a phase. On GPipe this
+    finishes, and some rounds of the blocking order only pair sends with receives: a stage
+    that pairs late in a round may then have a compute to run in the next."""
+    return [sorted(actions, key=lambda a: (PHASES.index(a.op), a.microbatch))
+            for actions in plan]
+
+
 def deadlock_cases(seed: int | None) -> list[tuple[str, list[list[Action]]]]:
     """Fixed cases (seed None), or random swaps of neighbouring actions in the reference
     schedules (some deadlock, some do not)."""
@@ -137,6 +162,15 @@ def deadlock_cases(seed: int | None) -> list[tuple[str, list[list[Action]]]]:
              ("stage 2 never receives microbatch 1", missing)]
     if seed is None:
         return cases
+    # A stage that waits for a peer that has already finished its list.
+    cases += [("stage 1 stops after one microbatch",
+               [[A("F", 0), A("send_fwd", 0), A("F", 1), A("send_fwd", 1)],
+                [A("recv_fwd", 0), A("F", 0)]]),
+              ("stage 0 receives a gradient stage 1 never sends",
+               [[A("F", 0), A("send_fwd", 0), A("recv_bwd", 0), A("B", 0)],
+                [A("recv_fwd", 0), A("F", 0), A("B", 0)]])]
+    cases += [(f"gpipe({p}, {m}) with communication batched per phase",
+               batched_communication(ref.gpipe_schedule(p, m))) for p, m in ((2, 2), (3, 3))]
     rng = np.random.default_rng(seed)
     random_cases = []
     for _ in range(30):
@@ -198,6 +232,11 @@ def simulation_cases(seed: int | None) -> list[tuple[str, Any, list[float], list
     if not ref.schedule_problems(stalling, 4):
         cases.append(("a valid 1F1B(2, 4) that sends before it receives", stalling,
                       [1.0, 1.0], [2.0, 2.0]))
+    for p, m in ((2, 2), (3, 4)):
+        cases.append((f"gpipe({p}, {m}) with communication batched per phase",
+                      batched_communication(ref.gpipe_schedule(p, m)),
+                      [float(c) for c in rng.uniform(0.5, 2.0, p)],
+                      [float(c) for c in rng.uniform(1.0, 4.0, p)]))
     # Valid schedules with neighbouring actions swapped: some rounds of the simulation then
     # only pair sends with receives, and the simulation must go on after them.
     swapped = 0
@@ -216,10 +255,18 @@ def simulation_cases(seed: int | None) -> list[tuple[str, Any, list[float], list
     return cases
 
 
-def compute_events(timeline: Any) -> dict[tuple[int, str, int], tuple[float, float]]:
-    """(stage, op, microbatch) -> (start, end) of every forward and backward of a timeline."""
+def compute_events(timeline: Any, compute: bool = True
+                   ) -> dict[tuple[int, str, int], tuple[float, float]]:
+    """(stage, op, microbatch) -> (start, end) of every forward and backward of a timeline
+    (with ``compute=False``: of every send and receive)."""
     return {(e.stage, e.op, e.microbatch): (e.start, e.end) for e in timeline.events
-            if e.op in COMPUTE}
+            if (e.op in COMPUTE) == compute}
+
+
+def _shifted(events: Sequence[Any], offset: float) -> list[tuple[int, str, int, float, float]]:
+    """A timeline's events as (stage, op, microbatch, start, end), every time moved by
+    ``offset``: the same pipeline, started later."""
+    return [(e.stage, e.op, e.microbatch, e.start + offset, e.end + offset) for e in events]
 
 
 def check_simulate(simulate: Callable[..., Any], bubble_fraction: Callable[..., Any],
@@ -236,6 +283,8 @@ def check_simulate(simulate: Callable[..., Any], bubble_fraction: Callable[..., 
         try:
             got = {(int(e[0]), str(e[1]), int(e[2])): (float(e[-2]), float(e[-1]))
                    for e in events if e[1] in COMPUTE}
+            transfers = [(int(e[0]), str(e[1]), int(e[2]), float(e[-2]), float(e[-1]))
+                         for e in events if e[1] not in COMPUTE]
         except (TypeError, IndexError, ValueError) as error:
             raise AssertionError(f"simulate on {name}: expected a list of (stage, op, "
                                  f"microbatch, start, end), got {str(events)[:200]} "
@@ -251,8 +300,29 @@ def check_simulate(simulate: Callable[..., Any], bubble_fraction: Callable[..., 
                      what=f"simulate on {name}: (start, end) of {len(keys)} compute events, in "
                           f"order of expected start (first: stage {keys[0][0]} {keys[0][1]}"
                           f"({keys[0][2]}))", atol=1e-9, rtol=1e-9)
+        expected_transfers = compute_events(reference, compute=False)
+        if sorted(k[:3] for k in transfers) != sorted(expected_transfers):
+            got_keys = {k[:3] for k in transfers}
+            missing = sorted(set(expected_transfers) - got_keys)[:4]
+            raise AssertionError(
+                f"simulate on {name}: expected one event per action, sends and receives too "
+                f"({len(expected_transfers)} of them, each starting and ending when it pairs "
+                f"with its match); got {len(transfers)}, missing {missing}, extra "
+                f"{sorted(got_keys - set(expected_transfers))[:4]}")
+        transfers.sort(key=lambda e: expected_transfers[e[:3]])
+        assert_close(np.array([e[3:] for e in transfers]),
+                     np.array([expected_transfers[e[:3]] for e in transfers]),
+                     what=f"simulate on {name}: (start, end) of the {len(transfers)} sends and "
+                          f"receives (each happens when both sides reach it, and takes no "
+                          f"time)", atol=1e-9, rtol=1e-9)
         assert_close(bubble, reference.bubble_fraction, what=f"bubble_fraction on {name}",
                      atol=1e-9)
+        offset = 3.5 + float(p)
+        with guard(namespace), time_limit(20, f"bubble_fraction on {name}"):
+            later = bubble_fraction(_shifted(reference.events, offset), p)
+        assert_close(later, reference.bubble_fraction,
+                     what=f"bubble_fraction on {name}'s timeline started at t = {offset} (the "
+                          f"makespan runs from the first start to the last end)", atol=1e-9)
         if list(peaks) != reference.peak_in_flight:
             raise AssertionError(f"peak_in_flight on {name}: expected {reference.peak_in_flight}"
                                  f", got {list(peaks)}")
@@ -275,7 +345,11 @@ def check_worker(pipeline_worker: Callable[..., Any], world_size: int, ms: Seque
     require(pipeline_worker=pipeline_worker)
     cases = [(name, plan, *lab_batch(m, seed=batch_seed))
              for name, plan, m, batch_seed in worker_cases(world_size, ms, seed)]
-    runtime.check_worker(pipeline_worker, world_size, cases, guard=lambda: guard(namespace))
+    # The ranks are forked where the worker lives; their gradients come back as values and are
+    # compared with the unsplit model's here.
+    results = run_there(runtime.run_worker, pipeline_worker, world_size, cases,
+                        **_guarded(pipeline_worker, namespace))
+    runtime.assert_unsplit_gradients(results, cases, world_size)
 
 
 # -- q6: speed -----------------------------------------------------------------------------------
@@ -289,7 +363,8 @@ def check_speed(pipeline_worker: Callable[..., Any], bound: float,
     check_worker(pipeline_worker, **SPEED_CHECK, namespace=namespace)
     plan = ref.one_f_one_b_schedule(*SPEED_SIZE)
     with guard(namespace):
-        times = compare_with_torch(pipeline_worker, plan, *SPEED_SIZE, rounds=6, timeout=120)
+        times = run_there(compare_with_torch, pipeline_worker, plan, *SPEED_SIZE, rounds=6,
+                          timeout=120)
     _check_difference(times["difference"], "timed")
     return check_ratio(times["yours"], times["torch"], what="1F1B pipeline step",
                        peer_name="torch.distributed.pipelining", bound=bound)
@@ -311,8 +386,8 @@ def check_bubble(pipeline_worker: Callable[..., Any], world_size: int, m: int,
     check_worker(pipeline_worker, world_size=2, ms=[3], seed=601, namespace=namespace)
     plan = ref.one_f_one_b_schedule(world_size, m)
     with guard(namespace):
-        bubbles = measured_bubble(pipeline_worker, plan, world_size, m, forward_s=0.01,
-                                  rounds=2)
+        bubbles = run_there(measured_bubble, pipeline_worker, plan, world_size, m,
+                            forward_s=0.01, rounds=3)
     _check_difference(bubbles["difference"], "measured")
     theory = ref.bubble_formula(world_size, m)
     serial = 1 - 1 / world_size

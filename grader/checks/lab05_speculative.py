@@ -37,6 +37,7 @@ from course_runtime.speculative import (
 )
 from course_runtime.testing import assert_close, require, time_limit
 from grader.checks import counted_forwards, forbid, make_there, on_one_cpu
+from grader.isolated import is_remote, student_of
 
 ISOLATED = True  # graded with the submission in a process of its own (grader.isolated)
 
@@ -75,19 +76,13 @@ def shipped_pair() -> tuple[GPT, GPT]:
 def shipped_pair_there(namespace: Any) -> tuple[Any, Any]:
     """The shipped target and draft where the submission's code runs (the grader's own copies
     when it runs here), loaded once per submission."""
-    if not _is_remote(namespace):
+    if not is_remote(namespace):
         return shipped_pair()
-    kept = namespace.student.kept
+    kept = student_of(namespace).kept
     for name in ("target", "draft"):
         if name not in kept:
             kept[name] = make_there(namespace, load, name)
     return kept["target"], kept["draft"]
-
-
-def _is_remote(namespace: Any) -> bool:
-    from grader.isolated import RemoteNamespace
-
-    return isinstance(namespace, RemoteNamespace)
 
 
 def toy_pair(namespace: Any, target: tuple[Any, ...], draft: tuple[Any, ...],
@@ -95,7 +90,7 @@ def toy_pair(namespace: Any, target: tuple[Any, ...], draft: tuple[Any, ...],
     """Two ``toy_gpt`` models from their arguments: the grader's copies, and the same models
     where the submission's code runs."""
     ours = toy_gpt(*target, **kwargs), toy_gpt(*draft, **kwargs)
-    if not _is_remote(namespace):
+    if not is_remote(namespace):
         return (*ours, *ours)
     return (*ours, make_there(namespace, toy_gpt, *target, **kwargs),
             make_there(namespace, toy_gpt, *draft, **kwargs))
@@ -403,6 +398,45 @@ def expected_tv_noise(p: np.ndarray, runs: int) -> float:
     return float(0.5 * np.sqrt(2 * p * (1 - p) / (np.pi * runs)).sum())
 
 
+SEEDED_PROMPTS = ([1, 3], [2])  # the second is a single token: no prefill before the loop
+SEEDED_RUNS = 4  # seeds per prompt
+SEEDED_TOKENS, SEEDED_GAMMA = 12, 3
+
+
+def check_seeded_sampling(speculative_generate: Callable[..., Any], temperature: float,
+                          namespace: dict[str, Any] | None = None) -> None:
+    """The handout prescribes every random draw of the sampling path (one ``u`` per proposal,
+    then ``u, v`` per verified proposal, then one for the bonus token, from one generator seeded
+    by ``seed``), so a seeded run must emit the reference's tokens and take its steps, with the
+    same forward passes, proposals and acceptances: this reaches what a distribution test of a
+    thousand runs is too coarse to see (the bonus token drawn from the wrong row, the target's
+    probabilities at the wrong temperature, a prefill of a one-token prompt)."""
+    require(speculative_generate=speculative_generate)
+    target, draft, their_target, their_draft = sampling_pair(namespace)
+    for prompt, seed in itertools.product(SEEDED_PROMPTS, range(SEEDED_RUNS)):
+        options = {"gamma": SEEDED_GAMMA, "greedy": False, "temperature": temperature,
+                   "seed": seed}
+        want_tokens, want = ref.speculative_generate(target, draft, prompt, SEEDED_TOKENS,
+                                                     **options)
+        with counted_forwards(target=their_target, draft=their_draft) as calls:
+            got, stats = _run(speculative_generate, their_target, their_draft, prompt,
+                              SEEDED_TOKENS, namespace=namespace, seconds=10, **options)
+        where = (f"sampling {SEEDED_TOKENS} tokens after prompt {prompt} at temperature "
+                 f"{temperature:g}, gamma={SEEDED_GAMMA}, seed={seed}")
+        if got != want_tokens.tolist():
+            raise AssertionError(
+                f"{where}: expected the tokens {want_tokens.tolist()}, got {got}. The handout "
+                "fixes every random draw and its order (u per proposal; u, v per verified "
+                "proposal; one for the bonus token, from the last row of the target's logits), "
+                "so a seeded run is reproducible")
+        _check_stats(stats, SEEDED_TOKENS, SEEDED_GAMMA, calls)
+        for name in ("steps", "target_forwards", "draft_forwards", "proposed", "accepted"):
+            if getattr(stats, name) != getattr(want, name):
+                raise AssertionError(f"{where}: stats.{name} is {getattr(stats, name)}, "
+                                     f"expected {getattr(want, name)} (a prompt of one token "
+                                     f"needs no prefill)")
+
+
 def check_sampling_distribution(speculative_generate: Callable[..., Any], runs: int,
                                 namespace: dict[str, Any] | None = None,
                                 temperature: float = 1.0, new_tokens: int = 2,
@@ -416,7 +450,7 @@ def check_sampling_distribution(speculative_generate: Callable[..., Any], runs: 
     errors: a draft sampled at another temperature still yields the target's distribution, but
     accepts less often.
     """
-    require(speculative_generate=speculative_generate)
+    check_seeded_sampling(speculative_generate, temperature, namespace)
     target, draft, their_target, their_draft = sampling_pair(namespace)
     prompt, vocab = SAMPLING_PROMPT, SAMPLING_VOCAB
     p_target = sequence_probabilities(target, prompt, new_tokens, temperature)

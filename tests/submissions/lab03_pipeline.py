@@ -1,6 +1,6 @@
 """Curated buggy submissions for Lab 3: the mistakes students make, and the points they cost."""
 
-from .mutations import mutation
+from .mutations import cheat, cheats_for, mutation
 
 MUTATIONS = [
     mutation(
@@ -87,4 +87,66 @@ MUTATIONS = [
 EQUIVALENT = {
     "pipeline_worker: swap arguments: loss_fn(out, targets[i])":
         "the lab's loss, the mean squared error, is symmetric in its two arguments",
+    "pipeline_worker: 0 -> -1: 0 #2":
+        "the buffer for a received activation is shaped like microbatches[-1] instead of "
+        "microbatches[0]: the microbatches of a batch all have one shape",
+    "pipeline_worker: 0 -> -1: 0 #4":
+        "the buffer for a received gradient is shaped like microbatches[-1] instead of "
+        "microbatches[0]: the microbatches of a batch all have one shape",
+    "one_f_one_b_schedule: swap arguments: min(num_stages - 1 - s, num_microbatches)":
+        "min is symmetric",
+    "one_f_one_b_schedule: < -> <=: s < last":
+        "the warm-up's send: on the last stage the warm-up runs min(0, m) = 0 forwards, so "
+        "s <= last and s < last agree on every stage that reaches it",
+    "one_f_one_b_schedule: < -> <=: s < last #3":
+        "the cool-down's receive: on the last stage the cool-down is range(m, m), empty, so "
+        "s <= last and s < last agree on every stage that reaches it",
+    "find_deadlock: drop statement: moved = True #2":
+        "a round in which only computes ran leaves every stage at a send, a receive or its "
+        "end, and each such stage was compared with its peer's final position in that round "
+        "(the later of the two in the round sees both): nothing more can move, so stopping "
+        "there is right",
+    "simulate: drop statement: moved = True #2":
+        "as for find_deadlock: after a round in which only computes ran nothing more can move",
+    "simulate: < -> <=: heads[peer] < len(plan[peer])":
+        "simulate is given schedules that finish (the lab simulates schedules that validate): "
+        "in one, no stage ever waits at a send or receive whose peer has reached its end, so "
+        "the peer's position is never len(plan[peer]) there",
+    "simulate: swap arguments: max(clocks[s], clocks[peer])":
+        "max is symmetric",
+    "peak_in_flight: swap arguments: max(peak, held)":
+        "max is symmetric",
 }
+
+
+# Submissions that try to earn points without the work, each one cell; graded with the
+# submission in a process of its own (grader/isolated.py), none earns a point.
+SETUP = "from course_runtime.viz import plot_gantt"
+
+CHEATS = [
+    *cheats_for("lab03_pipeline", SETUP, "course_reference/parallel/pipeline/*.py",
+                "def gpipe_schedule(num_stages, num_microbatches):",
+                ["gpipe_schedule(num_stages, num_microbatches)"],
+                "course_reference/parallel/pipeline"),
+    cheat("reference_kept_alive",
+          "imports the reference pipeline under a name built from strings and re-installs its "
+          "schedules, deadlock check, simulator and executor after every cell with an IPython "
+          "post_run_cell hook",
+          '''import importlib
+pipe = importlib.import_module("course_" + "reference" + ".parallel.pipeline")
+
+def simulate_events(schedule, forward_cost, backward_cost):
+    return [(e.stage, e.op, e.microbatch, e.start, e.end)
+            for e in pipe.simulate(schedule, forward_cost, backward_cost).events]
+
+def reinstall(*args):
+    globals().update(
+        gpipe_schedule=pipe.gpipe_schedule, one_f_one_b_schedule=pipe.one_f_one_b_schedule,
+        find_deadlock=lambda s: {r: a for r, (_, a) in pipe.find_deadlock(s).items()},
+        simulate=simulate_events, peak_in_flight=pipe.peak_in_flight,
+        pipeline_worker=pipe.pipeline_worker)
+
+get_ipython().events.register("post_run_cell", reinstall)
+reinstall()
+''', after=SETUP),
+]

@@ -1,6 +1,6 @@
 """Curated buggy submissions for Lab 4: the mistakes students make, and the points they cost."""
 
-from .mutations import mutation
+from .mutations import cheat, cheats_for, mutation
 
 MUTATIONS = [
     mutation(
@@ -52,6 +52,20 @@ MUTATIONS = [
     for j in range(blocks_for(int(context_lens.max()), size)):
         block = block_tables[:, j]''')],
         breaks={"q3"}, may_break={"q6"}),
+    mutation(
+        "decodes_one_sequence_at_a_time",
+        "decodes each sequence to the end alone, one model call per token of each: the right "
+        "tokens, without the batch the lab is about",
+        [("""        cache.select(seqs)
+        for _ in range(max_new_tokens - 1):
+            logits = model(torch.tensor([[out[-1]] for out in outputs]), cache)
+            for out, row in zip(outputs, logits[:, -1]):
+                out.append(int(row.argmax()))""", """        for seq, out in zip(seqs, outputs):
+            cache.select([seq])
+            for _ in range(max_new_tokens - 1):
+                logits = model(torch.tensor([[out[-1]]]), cache)
+                out.append(int(logits[0, -1].argmax()))""")],
+        breaks={"q4"}),
     mutation(
         "no_free_on_finish",
         "a finished request leaves the batch but keeps its blocks",
@@ -142,3 +156,59 @@ EQUIVALENT = {
     "serve: 1 -> 0: 1 #6":
         "a decode step feeds one token per sequence, so the logits have one position: -0 is -1",
 }
+
+# The set-up cell of the untouched notebook, after which most cheats go.
+SETUP = "from course_runtime.models import load, load_tokenizer"
+
+CHEATS = [
+    *cheats_for("lab04_paged_kv", SETUP, "course_reference/serving/*.py",
+                "def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens):",
+                ["paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)"],
+                "course_reference/serving"),
+    cheat("reference_kept_alive",
+          "imports the reference's allocator, cache and attention under names built from "
+          "strings, and re-installs answers built on them after every cell with an IPython "
+          "post_run_cell hook",
+          '''import importlib
+serving = "course_" + "reference" + ".serving"
+allocator = importlib.import_module(serving + ".allocator")
+attention = importlib.import_module(serving + ".attention")
+
+def reinstall(*args):
+    globals()["BlockAllocator"] = allocator.BlockAllocator
+    globals()["paged_decode_attention"] = lambda q, k, v, tables, lens: attention.paged_attention(
+        q[:, :, None], k, v, tables, lens)[:, :, 0]
+
+get_ipython().events.register("post_run_cell", reinstall)
+reinstall()
+''', after=SETUP),
+    cheat("private_model_decodes",
+          "runs each prompt once through the model and cache it is handed, so that the model "
+          "calls the grader counts look like a schedule, and decodes every token with a private "
+          "copy of the shipped model, without any cache",
+          '''from course_runtime.models import load as load_private
+
+private = load_private("draft").double()
+
+def greedy_alone(prompt, n):
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(private(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+def serve(model, requests, cache, max_batch):
+    outputs = {}
+    for r in requests:
+        if blocks_for(r.max_len, cache.block_size) > cache.allocator.num_blocks:
+            raise ValueError(f"request {r.id} can never fit")
+        seq = cache.add_sequence()
+        cache.select([seq])
+        with torch.no_grad():
+            model(torch.tensor([r.prompt]), cache)
+        cache.free_sequence(seq)
+        outputs[r.id] = greedy_alone(r.prompt, r.max_new_tokens)
+    return outputs, len(requests)
+''', after="def serve(model, requests, cache, max_batch):", base="solution",
+          targets={"q5"}, partly={"q6"}),  # q6's model-call count, not its attention timing
+]

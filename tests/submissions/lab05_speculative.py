@@ -79,10 +79,26 @@ REWRITES = [
 EQUIVALENT = {
     "speculative_generate: swap arguments: min(gamma, max_new_tokens - stats.generated - 1)":
         "min is symmetric",
-    "speculative_generate: + -> -: start + n #2":
-        "rolls the draft's cache back further than needed: the handout only bounds it from "
-        "above, and the next step's first draft forward re-feeds the missing tokens, so the "
-        "output, the caches' contents and every forward count are unchanged",
+    "greedy_verify: drop minus: -1":
+        "argmax over dimension 1 of the target's logits, which are (proposals + 1, vocab): the "
+        "last dimension",
+    "rejection_step: < -> <=: u * q[token] < p[token]":
+        "differs only when u * q(x) equals p(x) exactly, an event of probability zero (the "
+        "curated rewrite accept_at_equality keeps every point too)",
+    "speculative_generate: += -> =: stats.target_forwards += 1":
+        "the prefill's count: it runs before any other target forward, when the counter is 0",
+    "speculative_generate: 0 -> -1: 0":
+        "the draft's logits of batch row -1 instead of 0: the batch holds one sequence",
+    "speculative_generate: 0 -> -1: 0 #2":
+        "the target's logits of batch row -1 instead of 0: the batch holds one sequence",
+    "speculative_generate: 1 -> 0: 1 #7":
+        "the draft's softmax over dimension 0 of a vector of logits: its only dimension",
+    "speculative_generate: 1 -> 0: 1 #10":
+        "the target's softmax over dimension 0 of a vector of logits: its only dimension",
+    "speculative_generate: 1 -> 0: 1 #12":
+        "the bonus token's softmax over dimension 0 of a vector of logits: its only dimension",
+    "speculative_generate: swap arguments: min(draft_cache.length, start + n)":
+        "min is symmetric",
 }
 
 AFTER_SETUP = "tokenizer = load_tokenizer()"  # the set-up cell: models loaded, helpers imported

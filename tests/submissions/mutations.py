@@ -59,18 +59,20 @@ class Cheat:
     """A submission that tries to earn points without the work: ``cell`` inserted into the
     ``base`` notebook ("student", untouched, or "solution") after the code cell that contains
     ``after``. ``targets`` are the questions it must not earn anything on; on the untouched
-    notebook that is every question."""
+    notebook that is every question. ``partly``: questions the cheat reaches in some of their
+    cases only, which may lose points (and must not gain any)."""
     name: str
     why: str
     cell: str
     after: str
     base: str = "student"
     targets: frozenset[str] = frozenset()
+    partly: frozenset[str] = frozenset()
 
 
 def cheat(name: str, why: str, cell: str, after: str, base: str = "student",
-          targets: set[str] = frozenset()) -> Cheat:
-    return Cheat(name, why, cell, after, base, frozenset(targets))
+          targets: set[str] = frozenset(), partly: set[str] = frozenset()) -> Cheat:
+    return Cheat(name, why, cell, after, base, frozenset(targets), frozenset(partly))
 
 
 def apply_cheat(c: Cheat, notebook: Path, out_dir: Path) -> Path:
