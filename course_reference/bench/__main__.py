@@ -12,7 +12,7 @@ import time
 
 from .harness import RESULTS_PATH, save_results
 
-BENCHMARKS = ["autograd", "zero", "pipeline", "serving", "speculative"]
+BENCHMARKS = ["autograd", "zero", "pipeline", "serving", "speculative", "diffusion"]
 
 
 def main(argv: list[str] | None = None) -> int:

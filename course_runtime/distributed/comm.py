@@ -22,6 +22,7 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -112,6 +113,35 @@ def all_gather(output: torch.Tensor, input: torch.Tensor,
     with status(f"all_gather({tuple(input.shape)} -> {tuple(output.shape)})"):
         _all_gather(output, input, group=group)
     return output
+
+
+class Pending:
+    """A collective started in the background (``all_gather_async``): ``wait()`` returns its
+    output once every rank's part has arrived."""
+
+    def __init__(self, work: Any, output: torch.Tensor, what: str):
+        self.work, self.output, self.what = work, output, what
+
+    def wait(self) -> torch.Tensor:
+        with status(self.what):
+            self.work.wait()
+        return self.output
+
+
+def all_gather_async(output: torch.Tensor, input: torch.Tensor,
+                     group: dist.ProcessGroup | None = None) -> Pending:
+    """``all_gather`` started in the background: the caller computes on while the parts travel
+    (DistriFusion's overlap of communication with the next step's compute), and calls
+    ``wait()`` on the result before it reads ``output``. Counted under its own name, with the
+    bytes ``all_gather`` would send: a check can tell the two apart."""
+    n = _world(group)
+    if output.numel() != input.numel() * n:
+        raise ValueError(f"all_gather_async: output has {output.numel()} elements, expected "
+                         f"{n} x {input.numel()} (world size x input)")
+    stats.record("all_gather_async", (n - 1) / n * _nbytes(output))
+    work = _all_gather(output, input, group=group, async_op=True)
+    return Pending(work, output, f"all_gather_async({tuple(input.shape)} -> "
+                                 f"{tuple(output.shape)})")
 
 
 def broadcast(tensor: torch.Tensor, src: int, group: dist.ProcessGroup | None = None

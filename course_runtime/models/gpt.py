@@ -12,9 +12,8 @@ tokens are the next ones of each sequence and their positions come from the cach
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -23,9 +22,8 @@ import torch.nn as nn
 from torch.nn import functional as F  # noqa: N812
 
 from .cache import DenseKVCache, KVCache
-from .tokenizer import ASSETS
-
-WEIGHTS_DIR = ASSETS / "weights"
+from .checkpoint import WEIGHTS_DIR, load_meta, load_weights
+from .checkpoint import save as save
 
 
 @dataclass(frozen=True)
@@ -214,36 +212,8 @@ def generate(model: GPT, prompt: torch.Tensor | list[int], max_new_tokens: int,
     return out
 
 
-def save(model: GPT, name: str, directory: Path = WEIGHTS_DIR, **extra: object) -> None:
-    """Weights as float16 safetensors (half the bytes; the model computes in float32) and the
-    config as JSON, with any ``extra`` facts (validation loss, training time) beside it."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to(torch.float16).contiguous()
-               for k, v in model.state_dict().items()}
-    save_file(tensors, str(directory / f"{name}.safetensors"))
-    meta = {"config": asdict(model.config), **extra}
-    (directory / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
-
-
-def load_meta(name: str, directory: Path = WEIGHTS_DIR) -> dict:
-    """The JSON written beside a checkpoint: its config and training facts."""
-    path = directory / f"{name}.json"
-    if not path.exists():
-        known = sorted(p.stem for p in directory.glob("*.safetensors"))
-        raise FileNotFoundError(f"no checkpoint named {name!r} in {directory}; "
-                                f"shipped checkpoints: {known}")
-    return json.loads(path.read_text())
-
-
 def load(name: Literal["target", "draft"] | str, directory: Path = WEIGHTS_DIR,
          device: torch.device | str = "cpu") -> GPT:
     """A shipped checkpoint ("target" or "draft") in float32, in eval mode."""
-    from safetensors.torch import load_file
-
     meta = load_meta(name, directory)
-    model = GPT(GPTConfig(**meta["config"]))
-    state = load_file(str(directory / f"{name}.safetensors"))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.to(device).eval()
+    return load_weights(GPT(GPTConfig(**meta["config"])), name, directory, device)
