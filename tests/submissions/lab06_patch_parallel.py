@@ -120,6 +120,15 @@ REWRITES = [
 EQUIVALENT = {
     "merge_bands: drop minus: -2":
         "the bands are [B, C, rows, W]: dimension 2 is dimension -2",
+    "split_band: drop minus: -2":
+        "the images are [B, C, H, W]: images.shape[2] is images.shape[-2]",
+    "StaleKV.__init__: drop statement: self.kv = None":
+        "a warm-up step sets self.kv before any stale step reads it; with no warm-up, the "
+        "first stale step fails either way (None has no clone(); a missing attribute raises "
+        "AttributeError too)",
+    "StaleKV.__init__: drop statement: self.incoming = None":
+        "self.incoming is read only in wait() once self.pending is set, and both are set "
+        "together",
 }
 
 SETUP = "schedule = NoiseSchedule()"  # the set-up cell: the model loaded, helpers imported
