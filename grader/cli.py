@@ -3,6 +3,7 @@
     course assign [LAB ...]            build grader/dist/ (zips, solutions) from solutions/
     course assign --update-labs        ... and update labs/, refusing to overwrite changed work
     course grade LAB SUBMISSIONS/      grade a folder of notebooks into final_grades.csv
+    course grade ... --ray auto        ... each submission a task on a Ray cluster
     course check                       labs/ in sync with solutions/, and nothing leaked
     course nbgrader LAB [--out DIR]    the lab as an nbgrader course (source/ and release/)
     course release --book HTML [--out DIR]   what students receive, with no answer in it
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds per submission")
     p.add_argument("--cell-timeout", type=int, default=300, help="seconds per notebook cell")
     p.add_argument("--memory-gb", type=float, default=4.0, help="memory cap per submission")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="grade on a Ray cluster instead of this machine's processes: 'auto' "
+                   "for the cluster this machine belongs to, or its HOST:PORT")
 
     p = commands.add_parser("check", help="labs/ in sync with solutions/, and no leaks")
     p.add_argument("labs", nargs="*")
@@ -76,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{lab.autograder_zip} is missing: run `make assign` first")
         table = grade_batch(lab.autograder_zip, submissions_in(args.submissions), args.out,
                             jobs=args.jobs, timeout=args.timeout, memory_gb=args.memory_gb,
-                            cell_timeout=args.cell_timeout)
+                            cell_timeout=args.cell_timeout, ray=args.ray)
         print(table.to_string(index=False))
-        print(f"\nwrote {args.out / 'final_grades.csv'} and {args.out / 'logs'}/")
+        print(f"\nwrote {args.out / 'final_grades.csv'}, {args.out / 'logs'}/ and the score "
+              f"report {args.out / 'report.html'}; each result is "
+              f"kept in {args.out / 'results'}/, so the same command again grades only what "
+              f"has none")
         return 0
 
     if args.command == "check":

@@ -4,10 +4,19 @@ Every submission is graded by otter's own API (``otter.api.grade_submission``) i
 its own, with a wall-clock timeout, a memory cap and a time limit per notebook cell, several at a
 time. A submission that crashes, hangs, does not parse or eats memory still gets its row (zero
 on what could not be graded, and the reason in ``grading_status``), and the batch goes on.
+
+Nothing graded is lost: each submission's result is written as it finishes, atomically (a
+temporary file renamed into place), to ``results/<file>.<key>.pkl``, where the key hashes the
+autograder zip and the submission's bytes; the log and ``final_grades.csv`` (the rows graded so
+far) are rewritten the same way after each one. Running the same command again after a kill
+grades only the submissions with no result for their current content; a changed submission,
+or a new autograder, is graded again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import resource
@@ -16,7 +25,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +110,10 @@ def grade_one_in_subprocess(autograder_zip: Path, submission: Path, *, timeout: 
             # Graded in a process of its own that stopped part-way (grader/isolated.py): the
             # questions before it keep their scores, the status says why the rest has none.
             reason = results.stopped
+        if results is not None and reason is None and getattr(results, "interrupted", None):
+            # Graded to the end, but the per-cell limit stopped some cells: the status says which.
+            reason = ("Completed; stopped by the per-cell limit: " +
+                      "; ".join(results.interrupted))
         if results is not None and results.has_catastrophic_failure():
             reason, results = f"grading failed: {results.catastrophic_error}", None
         if results is None and partial_path.exists():
@@ -166,45 +179,167 @@ def submissions_in(folder: Path) -> list[Path]:
     return found
 
 
+def result_key(autograder_zip: Path, submission: Path) -> str:
+    """What a stored result was graded from: the autograder's bytes and the submission's."""
+    digest = hashlib.sha256()
+    for path in (autograder_zip, submission):
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` at ``path`` whole or not at all: written beside it, then renamed over it."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _stored(results_dir: Path, submission: Path, key: str) -> Path:
+    return results_dir / f"{submission.name}.{key}.pkl"
+
+
+def _store(results_dir: Path, outcome: Outcome, key: str) -> None:
+    """The outcome kept for a rerun; results of earlier versions of the submission dropped."""
+    path = _stored(results_dir, outcome.submission, key)
+    write_atomically(path, pickle.dumps(
+        {"results": outcome.results, "reason": outcome.reason, "log": outcome.log,
+         "seconds": outcome.seconds, "file": outcome.submission.name}))
+    for old in results_dir.glob(f"{outcome.submission.name}.*.pkl"):
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
+def _restore(results_dir: Path, submission: Path, key: str) -> Outcome | None:
+    stored = _load(_stored(results_dir, submission, key))
+    if not isinstance(stored, dict):
+        return None
+    return Outcome(submission, stored["results"], stored["reason"], stored["log"],
+                   stored["seconds"])
+
+
 def grade_batch(autograder_zip: Path, submissions: list[Path], out_dir: Path, *, jobs: int = 2,
                 timeout: float = 900, memory_gb: float = 4.0, cell_timeout: int = 300,
-                progress: bool = True) -> Any:
-    """Grade ``submissions``; write final_grades.csv and logs/<name>.log to ``out_dir``."""
-    from otter.grade.utils import merge_scores_to_df
+                progress: bool = True, ray: str | None = None) -> Any:
+    """Grade ``submissions``; write final_grades.csv, logs/<name>.log and the score report
+    (report.html, grader/report.py) to ``out_dir``, and keep each result in
+    ``out_dir/results`` so that a rerun grades only what has none.
+
+    ``jobs`` submissions are graded at a time in processes on this machine; with ``ray`` (a
+    Ray cluster's address, or "auto" for the one this machine belongs to) each submission is a
+    Ray task instead, with the resources its lab declares (grader/cluster.py)."""
     from tqdm.auto import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "logs").mkdir(exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-
-    def grade(submission: Path) -> Outcome:
+    results_dir = out_dir / "results"
+    results_dir.mkdir(exist_ok=True)
+    keys = {}
+    for submission in submissions:
         try:
-            return grade_one_in_subprocess(autograder_zip, submission, timeout=timeout,
-                                           memory_gb=memory_gb, cell_timeout=cell_timeout,
-                                           threads=threads)
-        except Exception as error:  # noqa: BLE001 - an unreadable file still gets its row
-            return Outcome(submission, None, f"could not be graded: {error}", repr(error), 0.0)
+            keys[submission] = result_key(autograder_zip, submission)
+        except OSError:
+            keys[submission] = "unreadable"
+    done: dict[Path, Outcome] = {}
+    for submission in submissions:
+        if (outcome := _restore(results_dir, submission, keys[submission])) is not None:
+            done[submission] = outcome
+    todo = [s for s in submissions if s not in done]
+    rows: dict[Path, Any] = {}  # each outcome's GradingResults, made once
 
+    csv = out_dir / "final_grades.csv"
+    if not done and csv.exists():  # another batch's grades: kept aside, never shown as these
+        os.replace(csv, out_dir / "final_grades.previous.csv")
+    table = _write_table(autograder_zip, submissions, done, rows, out_dir) if done else None
+    _write_progress(out_dir, len(submissions), len(done), finished=False)
+    options = dict(timeout=timeout, memory_gb=memory_gb, cell_timeout=cell_timeout)
+    if ray is None:
+        outcomes = _graded_here(autograder_zip, todo, jobs=jobs, **options)
+    else:
+        from .cluster import graded_on_ray
+        outcomes = graded_on_ray(ray, autograder_zip, todo, **options)
+    bar = tqdm(total=len(submissions), initial=len(done), desc="grading", unit="submission",
+               disable=not progress)
+    for outcome in outcomes:  # each stored as it arrives: a kill loses no finished grading
+        _store(results_dir, outcome, keys[outcome.submission])
+        done[outcome.submission] = outcome
+        _write_log(out_dir, outcome)
+        table = _write_table(autograder_zip, submissions, done, rows, out_dir)
+        _write_progress(out_dir, len(submissions), len(done), finished=False)
+        bar.update()
+    bar.close()
+    for outcome in done.values():  # logs of results kept from an earlier run, if deleted
+        if not (out_dir / "logs" / f"{outcome.submission.stem}.log").exists():
+            _write_log(out_dir, outcome)
+    if table is None:
+        table = _write_table(autograder_zip, submissions, done, rows, out_dir)
+    from .report import write_report
+    write_report(table, {o.submission.name: o.seconds for o in done.values()}, out_dir,
+                 title=f"Grading report: {autograder_zip.stem.split('-autograder')[0]}")
+    _write_progress(out_dir, len(submissions), len(done), finished=True)
+    return table
+
+
+def grade_safely(autograder_zip: Path, submission: Path, **options: Any) -> Outcome:
+    """``grade_one_in_subprocess``, with a file that cannot even be read still given a row."""
+    try:
+        return grade_one_in_subprocess(autograder_zip, submission, **options)
+    except Exception as error:  # noqa: BLE001 - an unreadable file still gets its row
+        return Outcome(submission, None, f"could not be graded: {error}", repr(error), 0.0)
+
+
+def _graded_here(autograder_zip: Path, todo: list[Path], *, jobs: int, **options: Any) -> Any:
+    """Outcomes as they finish, ``jobs`` at a time in processes on this machine, each with an
+    equal share of its CPUs as BLAS threads."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        outcomes = list(tqdm(pool.map(grade, submissions), total=len(submissions),
-                             desc="grading", unit="submission", disable=not progress))
+        futures = [pool.submit(grade_safely, autograder_zip, s, threads=threads, **options)
+                   for s in todo]
+        for future in as_completed(futures):
+            yield future.result()
 
-    all_results = []
+
+def _write_progress(out_dir: Path, total: int, graded: int, *, finished: bool) -> None:
+    """progress.json: how much of the batch final_grades.csv holds; ``finished`` is false in
+    the folder of a batch that is running or was stopped (run the same command to go on)."""
+    write_atomically(out_dir / "progress.json", json.dumps(
+        {"submissions": total, "graded": graded, "finished": finished}).encode())
+
+
+def _results_of(autograder_zip: Path, outcome: Outcome) -> Any:
+    results = outcome.results
+    if results is None:
+        results = failed_results(autograder_zip, outcome.reason or "unknown failure")
+    results.file = outcome.submission.name
+    return results
+
+
+def _write_log(out_dir: Path, outcome: Outcome) -> None:
+    summary = outcome.results.summary() if outcome.results is not None else ""
+    status = outcome.reason or "completed"
+    write_atomically(out_dir / "logs" / f"{outcome.submission.stem}.log", (
+        f"submission: {outcome.submission.name}\nstatus: {status}\n"
+        f"seconds: {outcome.seconds:.1f}\n\n{outcome.log}\n{summary}\n").encode())
+
+
+def _write_table(autograder_zip: Path, submissions: list[Path], done: dict[Path, Outcome],
+                 rows: dict[Path, Any], out_dir: Path) -> Any:
+    """final_grades.csv with a row for each submission graded so far, in the batch's order."""
+    from otter.grade.utils import merge_scores_to_df
+
+    outcomes = [done[s] for s in submissions if s in done]
     for outcome in outcomes:
-        results = outcome.results
-        if results is None:
-            results = failed_results(autograder_zip, outcome.reason or "unknown failure")
-        results.file = outcome.submission.name
-        all_results.append(results)
-        summary = results.summary() if outcome.results is not None else ""
-        status = outcome.reason or "completed"
-        (out_dir / "logs" / f"{outcome.submission.stem}.log").write_text(
-            f"submission: {outcome.submission.name}\nstatus: {status}\n"
-            f"seconds: {outcome.seconds:.1f}\n\n{outcome.log}\n{summary}\n")
-
-    table = merge_scores_to_df(all_results)
+        if outcome.submission not in rows:
+            rows[outcome.submission] = _results_of(autograder_zip, outcome)
+    table = merge_scores_to_df([rows[o.submission] for o in outcomes])
     for outcome in outcomes:
         if outcome.reason:
             table.loc[table["file"] == outcome.submission.name, "grading_status"] = outcome.reason
-    table.to_csv(out_dir / "final_grades.csv", index=False)
+    write_atomically(out_dir / "final_grades.csv", table.to_csv(index=False).encode())
     return table

@@ -701,6 +701,7 @@ def grade_notebook(submission_path: str, *, tests_glob: list[str], cwd: str | No
             if not case.hidden and not case.points:
                 _run_there(case.body, student)
     graded: list[str] = []
+    interrupted: list[str] = []  # the cells the per-cell limit stopped, for the batch's status
 
     def grade(names: list[str]) -> None:
         for name in names:
@@ -733,6 +734,8 @@ def grade_notebook(submission_path: str, *, tests_glob: list[str], cwd: str | No
             if not outcome.get("ok"):
                 status = "interrupted" if outcome.get("interrupted") else "raised"
                 print(f"[grader] cell {index} {status}: {outcome.get('message')}", flush=True)
+                if outcome.get("interrupted"):
+                    interrupted.append(f"cell {index} ({str(outcome.get('message'))[:160]})")
         grade(sorted(tests))
     finally:
         stopped = student.gone
@@ -741,6 +744,8 @@ def grade_notebook(submission_path: str, *, tests_glob: list[str], cwd: str | No
     results = GradingResults([tests[name] for name in sorted(tests)])
     if stopped:
         results.stopped = stopped  # read by the batch grader for its status column
+    if interrupted:
+        results.interrupted = interrupted  # likewise: graded, with cells stopped by the limit
     return results
 
 
