@@ -151,8 +151,7 @@ def failed_results(autograder_zip: Path, reason: str, graded: Any = None) -> Any
     """Results with every test case failed for ``reason`` (a row of zeros, question by question),
     except the questions already in ``graded`` (partial GradingResults), which keep their scores.
     """
-    from otter.test_files import GradingResults, create_test_file
-    from otter.test_files.abstract_test import TestCaseResult
+    from .otter_adapter import case_result, grading_results, load_test_file
 
     test_files = []
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(autograder_zip) as archive:
@@ -164,12 +163,11 @@ def failed_results(autograder_zip: Path, reason: str, graded: Any = None) -> Any
                 test_files.append(done)
                 continue
             path.write_bytes(archive.read(name))
-            test_file = create_test_file(str(path), None)
-            test_file.test_case_results = [
-                TestCaseResult(test_case=case, message=f"not graded: {reason}", passed=False)
-                for case in test_file.test_cases]
+            test_file = load_test_file(str(path))
+            test_file.test_case_results = [case_result(case, False, f"not graded: {reason}")
+                                           for case in test_file.test_cases]
             test_files.append(test_file)
-    return GradingResults(test_files)
+    return grading_results(test_files)
 
 
 def submissions_in(folder: Path) -> list[Path]:
@@ -236,6 +234,8 @@ def grade_batch(autograder_zip: Path, submissions: list[Path], out_dir: Path, *,
     Ray task instead, with the resources its lab declares (grader/cluster.py)."""
     from tqdm.auto import tqdm
 
+    from .otter_adapter import check_version
+    check_version()  # before anything is graded, not once per submission
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "logs").mkdir(exist_ok=True)
     results_dir = out_dir / "results"
@@ -331,13 +331,13 @@ def _write_log(out_dir: Path, outcome: Outcome) -> None:
 def _write_table(autograder_zip: Path, submissions: list[Path], done: dict[Path, Outcome],
                  rows: dict[Path, Any], out_dir: Path) -> Any:
     """final_grades.csv with a row for each submission graded so far, in the batch's order."""
-    from otter.grade.utils import merge_scores_to_df
+    from .otter_adapter import scores_table
 
     outcomes = [done[s] for s in submissions if s in done]
     for outcome in outcomes:
         if outcome.submission not in rows:
             rows[outcome.submission] = _results_of(autograder_zip, outcome)
-    table = merge_scores_to_df([rows[o.submission] for o in outcomes])
+    table = scores_table([rows[o.submission] for o in outcomes])
     for outcome in outcomes:
         if outcome.reason:
             table.loc[table["file"] == outcome.submission.name, "grading_status"] = outcome.reason

@@ -3,8 +3,9 @@ autograder, with what the course adds on every grading path.
 
 The zip's ``run_otter.py`` checks that the environment can import what the lab needs (else it
 writes an autograder error, never a silent zero) and then calls :func:`main`, which installs the
-same changes as the batch grader (``grader.grade_one``): a time limit per notebook cell, each
-question graded where its check cell stands, an interrupted test failing alone. Students' feedback
+same changes as the batch grader (``grader.grade_one``): the submission graded in a process of
+its own (``grader.isolated``), with a time limit per notebook cell, each question graded where
+its check cell stands, an interrupted test failing alone. Students' feedback
 (:func:`gradescope_results`) shows each result once, in words: the public tests in one entry
 visible at once, each question's hidden tests in an entry visible after the grades are
 published, with no test source quoted and no grading stdout.
@@ -76,21 +77,36 @@ def gradescope_results(results: Any) -> dict[str, Any]:
 
 
 def install(cell_timeout: int = CELL_TIMEOUT, partial_results: str | None = None) -> None:
-    """The course's changes to otter's grading, for this process and the kernels it starts."""
-    from otter.test_files import GradingResults
+    """The course's changes to otter's grading (grader/otter_adapter.py), for this process:
+    every notebook graded with the submission in a process of its own, each test case failing
+    alone, and Gradescope's results in the course's words."""
+    from . import isolated
+    from .otter_adapter import (
+        check_version,
+        fail_cases_alone,
+        replace_gradescope_results,
+        replace_notebook_grading,
+    )
 
-    from .grade_one import grade_questions_in_place, limit_cell_time
+    check_version()
 
-    limit_cell_time(cell_timeout)
-    grade_questions_in_place(partial_results)
-    isolate_submissions(cell_timeout, partial_results)
-    GradingResults.to_gradescope_dict = lambda self, ag_config: gradescope_results(self)
+    def grade_notebook(submission_path: str, **options: Any) -> Any:
+        cwd = options.get("cwd") or os.getcwd()
+        require_isolated(os.path.join(cwd, submission_path))
+        isolated.CELL_TIMEOUT = float(cell_timeout)
+        isolated.PARTIAL_RESULTS = partial_results
+        return isolated.grade_notebook(submission_path, tests_glob=options["tests_glob"],
+                                       cwd=cwd, test_dir=options.get("test_dir"))
+
+    replace_notebook_grading(grade_notebook)
+    replace_gradescope_results(gradescope_results)
+    fail_cases_alone()
 
 
-def isolates(notebook_path: str) -> bool:
-    """Whether the lab of this notebook (its otter assignment name) is graded with the
-    submission in a process of its own: its checks say so (``ISOLATED = True`` in
-    ``grader/checks/<lab>.py``, checks that can judge a submission through ``grader.isolated``)."""
+def require_isolated(notebook_path: str) -> None:
+    """Every lab is graded with the submission in a process of its own: its checks say they
+    can judge a submission that way (``ISOLATED = True`` in ``grader/checks/<lab>.py``). The
+    lab is the notebook's otter assignment name, which otter has checked against the zip's."""
     import importlib
 
     import nbformat
@@ -98,38 +114,17 @@ def isolates(notebook_path: str) -> bool:
     try:
         notebook = nbformat.read(notebook_path, as_version=4)
         name = notebook.metadata["otter"]["assignment_name"]
-        checks = importlib.import_module(f"grader.checks.{name}")
-    except (KeyError, TypeError, ValueError, OSError, ImportError):
-        return False
-    return bool(getattr(checks, "ISOLATED", False))
-
-
-def isolate_submissions(cell_timeout: int, partial_results: str | None) -> None:
-    """otter's runner grades a notebook with ``otter.execute.grade_notebook``, the tests in the
-    submission's own kernel; for a lab whose checks allow it, grade it with
-    ``grader.isolated.grade_notebook`` instead (same arguments, same ``GradingResults``): the
-    submission runs in a process without the reference, the checks or the hidden tests."""
-    from otter.run.run_autograder.runners import python_runner
-
-    from . import isolated
-
-    original = getattr(python_runner.grade_notebook, "__wrapped__", python_runner.grade_notebook)
-
-    def grade_notebook(submission_path: str, **options: Any) -> Any:
-        cwd = options.get("cwd") or os.getcwd()
-        if not isolates(os.path.join(cwd, submission_path)):
-            return original(submission_path, **options)
-        isolated.CELL_TIMEOUT = float(cell_timeout)
-        isolated.PARTIAL_RESULTS = partial_results
-        return isolated.grade_notebook(submission_path, tests_glob=options["tests_glob"],
-                                       cwd=cwd, test_dir=options.get("test_dir"))
-
-    grade_notebook.__wrapped__ = original
-    python_runner.grade_notebook = grade_notebook
+    except (KeyError, TypeError, ValueError, OSError) as error:
+        raise RuntimeError(f"cannot tell which lab {os.path.basename(notebook_path)} is "
+                           f"({type(error).__name__}: {error})") from None
+    checks = importlib.import_module(f"grader.checks.{name}")
+    if not getattr(checks, "ISOLATED", False):
+        raise RuntimeError(f"grader/checks/{name}.py does not set ISOLATED = True: the course "
+                           "grades no lab with the hidden tests in the submission's kernel")
 
 
 def main(autograder_dir: str = "/autograder") -> None:
-    from otter.run.run_autograder import main as run_autograder
+    from .otter_adapter import run_autograder
 
     install()
     run_autograder(autograder_dir)

@@ -640,10 +640,9 @@ CELL_TIMEOUT = float(os.environ.get("COURSE_CELL_TIMEOUT", "300"))
 
 
 def _stopped_cases(test_file: Any, reason: str) -> None:
-    from otter.test_files.abstract_test import TestCaseResult
-    test_file.test_case_results = [
-        TestCaseResult(test_case=case, passed=False,
-                       message=f"❌ Test case failed\n{reason}") for case in test_file.test_cases]
+    from .otter_adapter import case_result
+    test_file.test_case_results = [case_result(case, False, f"❌ Test case failed\n{reason}")
+                                   for case in test_file.test_cases]
     for case in test_file.test_cases:
         case.body.function_name = case.body.test_func.__name__
 
@@ -669,15 +668,15 @@ def grade_notebook(submission_path: str, *, tests_glob: list[str], cwd: str | No
     its own: each question's tests run where its ``grader.check`` cell stands (every question
     whose check cell is missing, after the last cell)."""
     import nbformat
-    from otter.test_files import GradingResults, create_test_file
 
-    from . import kernel_hooks  # noqa: F401 - an interrupted case fails alone
     from .grade_one import CHECK_CALL
+    from .otter_adapter import fail_cases_alone, grading_results, load_test_file
 
+    fail_cases_alone()  # an interrupted case fails alone
     cwd = Path(cwd or Path(submission_path).parent).resolve()
     tests = {}
     for path in tests_glob:
-        test_file = create_test_file(str(path), None)
+        test_file = load_test_file(str(path))
         tests[test_file.name] = test_file
     notebook = nbformat.read(str(Path(cwd) / submission_path) if not Path(submission_path)
                              .is_absolute() else submission_path, as_version=4)
@@ -714,7 +713,7 @@ def grade_notebook(submission_path: str, *, tests_glob: list[str], cwd: str | No
                 print(f"[grader] {name}: {tests[name].score:g}/{tests[name].possible:g}",
                       flush=True)
         if PARTIAL_RESULTS:
-            _save(GradingResults([tests[n] for n in graded]), PARTIAL_RESULTS)
+            _save(grading_results([tests[n] for n in graded]), PARTIAL_RESULTS)
 
     try:
         for index, cell in enumerate(notebook.cells):
@@ -741,7 +740,7 @@ def grade_notebook(submission_path: str, *, tests_glob: list[str], cwd: str | No
         stopped = student.gone
         student.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    results = GradingResults([tests[name] for name in sorted(tests)])
+    results = grading_results([tests[name] for name in sorted(tests)])
     if stopped:
         results.stopped = stopped  # read by the batch grader for its status column
     if interrupted:

@@ -109,14 +109,14 @@ def parse_test(source: str, question: str) -> tuple[dict[str, Any], str, str, li
 
 def resolve_points(question: dict[str, Any], tests: list[OtterTest]) -> None:
     """Each test's points, resolved from the question's and the tests' configs as otter does."""
-    from otter.test_files.abstract_test import TestCase, TestFile
+    from .otter_adapter import resolve_points as resolve
 
     total = question.get("points")
     if isinstance(total, dict):
         total = total.get("each", 1) * len(tests)
-    cases = [TestCase(t.function, t.source, t.hidden, t.points, None, None) for t in tests]
-    for test, case in zip(tests, TestFile.resolve_test_file_points(total, cases)):
-        test.points = case.points
+    points = resolve(total, [(t.function, t.source, t.hidden, t.points) for t in tests])
+    for test, value in zip(tests, points):
+        test.points = value
 
 
 def call_with_globals(test: OtterTest) -> str:

@@ -20,9 +20,8 @@ POSSIBLE = "points-per-question"
 
 def questions_of(table: Any) -> list[str]:
     """The question columns: every column but the ones otter's table adds around them."""
-    from otter.grade import utils
-    meta = {utils.SCORES_DICT_FILE_KEY, utils.SCORES_DICT_GRADING_STATUS_KEY,
-            utils.SCORES_DICT_PERCENT_CORRECT_KEY, utils.SCORES_DICT_TOTAL_POINTS_KEY}
+    from .otter_adapter import score_columns
+    meta = score_columns()
     return [c for c in table.columns if c not in meta]
 
 

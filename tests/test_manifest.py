@@ -55,3 +55,12 @@ def test_an_unknown_lab_is_refused():
     import pytest
     with pytest.raises(SystemExit, match="is not in grader/labs.toml"):
         Lab("lab99_nothing")
+
+
+def test_every_lab_is_graded_isolated():
+    """The grader refuses a lab whose checks cannot judge a submission from a process of its
+    own (grader.gradescope.require_isolated): no lab's hidden tests run in the student's kernel."""
+    import importlib
+    for lab in all_labs():
+        checks = importlib.import_module(f"grader.checks.{lab.name}")
+        assert getattr(checks, "ISOLATED", False) is True, lab.name
