@@ -86,8 +86,10 @@ grade: $(STAMP)
 release: book
 	$(BIN)/course release --book book/_build/html
 
+# The reference against PyTorch (results.json), then the batch grader's throughput (grading.json).
 bench: $(STAMP)
 	$(BIN)/course-bench
+	$(BIN)/python -m grader.bench_grading
 
 mutation-score: $(STAMP)
 	$(BIN)/course mutation-score $(LABS) $(if $(SAMPLE),--sample $(SAMPLE))

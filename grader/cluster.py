@@ -12,10 +12,21 @@ submission, whichever attempt returned it, so nothing is counted twice.
 
 A batch whose tasks no node of the cluster could ever run (more CPUs or GPUs than any node has)
 is refused before anything is submitted, instead of waiting forever.
+
+``python -m grader.cluster ZIP OUT SUBMISSION...`` grades a batch on a cluster of two nodes it
+starts on this machine (``ray start --head``, ``ray start --address``, one CPU each) and stops
+afterwards; the tests and the grading benchmark run it in a network namespace with only a
+loopback interface (``in_loopback_namespace``), so every Ray process binds and talks on
+127.0.0.1 (Ray prefers a non-loopback address for a multi-node cluster when it finds one).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -106,3 +117,64 @@ def _graded(ray: Any, autograder_zip: Path, todo: list[Path], *, timeout: float,
                           f"{type(error).__name__}", str(error)[-4000:], 0.0)
             continue
         yield Outcome(submission, results, reason, log, seconds)
+
+
+# -- a cluster on this machine ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def local_cluster(nodes: int = 2, cpus: int = 1) -> Any:
+    """A Ray cluster of ``nodes`` nodes of ``cpus`` CPUs on this machine, started as an
+    instructor starts one; its head's address. Every Ray process here is stopped afterwards."""
+    from course_runtime.distributed.launcher import free_port
+    ray = str(Path(sys.executable).parent / "ray")
+    port = free_port()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    node = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
+            "--object-store-memory=200000000", "--disable-usage-stats"]
+    try:
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                        *node], check=True, env=env, timeout=180, stdout=subprocess.DEVNULL)
+        for _ in range(nodes - 1):
+            subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *node], check=True,
+                           env=env, timeout=180, stdout=subprocess.DEVNULL)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, timeout=120,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def loopback_namespace_available() -> bool:
+    return os.geteuid() == 0 and shutil.which("unshare") is not None and \
+        shutil.which("ip") is not None
+
+
+def in_loopback_namespace(command: list[str]) -> list[str]:
+    """``command`` run in a network namespace of its own whose only interface is loopback."""
+    import shlex
+    return ["unshare", "--net", "sh", "-c",
+            "ip link set lo up && exec " + " ".join(shlex.quote(c) for c in command)]
+
+
+def main(argv: list[str]) -> int:
+    """Grade a batch on a two-node cluster started here: ZIP OUT SUBMISSION... [--timeout S]
+    [--cell-timeout S] [--memory-gb G]."""
+    import argparse
+
+    from .grade import grade_batch
+    parser = argparse.ArgumentParser(prog="python -m grader.cluster", description=main.__doc__)
+    parser.add_argument("autograder_zip", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("submissions", type=Path, nargs="+")
+    parser.add_argument("--timeout", type=float, default=150)
+    parser.add_argument("--cell-timeout", type=int, default=20)
+    parser.add_argument("--memory-gb", type=float, default=2.5)
+    args = parser.parse_args(argv)
+    with local_cluster() as address:
+        grade_batch(args.autograder_zip, args.submissions, args.out, timeout=args.timeout,
+                    memory_gb=args.memory_gb, cell_timeout=args.cell_timeout, progress=False,
+                    ray=address)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
