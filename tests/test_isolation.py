@@ -341,12 +341,16 @@ def test_a_cheat_earns_nothing(assigned, lab, cheat, tmp_path):
     assert not leaked, f"{cheat.name}: the public feedback quotes hidden code: {leaked[:3]}"
 
 
-def test_timed_blocks_lease_different_cpus():
+def test_timed_blocks_lease_different_cpus(tmp_path, monkeypatch):
     """Two gradings timing at once are held to two CPUs, not both to the one they ran on; when
-    every CPU is leased, a third times where it runs."""
+    every CPU is leased, a third times where it runs. The leases' lock files are this test's
+    own: a grading timed by another test worker at the same moment holds a lease of its own."""
     import os
+    import tempfile
 
     from grader.isolated import _current_cpu, _timing_cpu
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     cpus = sorted(os.sched_getaffinity(0))
     with _timing_cpu() as first:
